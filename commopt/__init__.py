@@ -1,0 +1,29 @@
+"""commopt: data-parallel PyTorch training that communicates less and waits less.
+
+The data path of compressed DDP training, top to bottom:
+:mod:`commopt.hook` (DDP bucket) -> :mod:`commopt.feedback` (what to send) ->
+:mod:`commopt.compressors` (which k entries) -> :mod:`commopt.exchange`
+(fixed-size collective) -> :mod:`commopt.feedback` (state update) ->
+:class:`CompressedOptimizer` (the wrapped optimizer steps).
+"""
+
+from .compressors import Compressor, RandK, ScaledRandK, TopK, make_compressor
+from .distributed import DistInfo, init_distributed
+from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback, NoFeedback, make_feedback
+from .hook import CompressionState, compression_hook
+from .optim import CompressedOptimizer
+
+try:
+    from importlib.metadata import version as _version
+
+    __version__ = _version("commopt")
+except Exception:  # pragma: no cover - running from a source tree without install
+    __version__ = "0.1.0"
+
+__all__ = [
+    "Compressor", "TopK", "RandK", "ScaledRandK", "make_compressor",
+    "Feedback", "NoFeedback", "EF14", "EF21", "EF21SGDM", "EControl", "make_feedback",
+    "CompressionState", "compression_hook",
+    "CompressedOptimizer",
+    "init_distributed", "DistInfo",
+]

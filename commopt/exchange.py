@@ -1,0 +1,108 @@
+"""Moving compressed messages between ranks (SPEC §3).
+
+Each function launches one fixed-size asynchronous collective and returns a
+``torch.futures.Future`` whose value is the **sum over ranks** of the messages
+as a dense vector. Nothing here blocks, calls ``.item()`` or knows which
+feedback rule is running.
+
+| exchange | collective | bytes each rank receives |
+|---|---|---|
+| ``dense``  | all-reduce of d values            | 2(n−1)/n · d · s |
+| ``gather`` | all-gather of (values, indices)   | (n−1) · k · (s + s_idx) |
+| ``shared`` | all-reduce of the k values (RandK) | 2(n−1)/n · k · s |
+
+(s = bytes per value, s_idx = 4, or 8 for float64 values.) Sums of gathered
+messages are taken in rank order, so every rank gets bitwise the same result.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.futures import Future
+
+__all__ = ["Exchange", "choose_exchange", "ring_allreduce_bytes", "allgather_bytes"]
+
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def ring_allreduce_bytes(numel: int, itemsize: int, n: int) -> float:
+    """Bytes each rank receives in a ring all-reduce of ``numel`` elements."""
+    return 2.0 * (n - 1) / n * numel * itemsize
+
+
+def allgather_bytes(numel: int, itemsize: int, n: int) -> float:
+    """Bytes each rank receives in an all-gather of ``numel`` elements per rank."""
+    return float((n - 1) * numel * itemsize)
+
+
+def index_dtype(value_dtype: torch.dtype) -> torch.dtype:
+    """Integer type for indices packed beside values: int32, or int64 beside 8-byte values."""
+    return torch.int64 if torch.empty((), dtype=value_dtype).element_size() == 8 else torch.int32
+
+
+def choose_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
+    """``shared`` for data-independent indices, ``gather`` while k/d < 1/n, else ``dense``."""
+    if k >= d:
+        return "dense"
+    if shared_indices:
+        return "shared"
+    return "gather" if k * n < d else "dense"
+
+
+class Exchange:
+    """The three collectives over one process group."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+        self.group = group
+        self.n = dist.get_world_size(group)
+
+    def dense(self, x: Tensor) -> Future:
+        """All-reduce (sum) of x in place; the future holds x."""
+        work = dist.all_reduce(x, group=self.group, async_op=True)
+        return work.get_future().then(lambda _: x)
+
+    def shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
+        """All-reduce of values at indices that are the same on every rank; dense sum."""
+        buf = vals.contiguous().clone()
+        work = dist.all_reduce(buf, group=self.group, async_op=True)
+
+        def densify(_: Future) -> Tensor:
+            return torch.zeros(d, dtype=out_dtype, device=buf.device).index_put_((idx,), buf.to(out_dtype))
+
+        return work.get_future().then(densify)
+
+    def gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
+        """All-gather of fixed-size (values, indices) in one buffer; ordered sum over ranks."""
+        k = vals.numel()
+        packed_idx = idx.to(index_dtype(vals.dtype)).view(vals.dtype)
+        send = torch.cat([vals.reshape(-1), packed_idx])
+        width = send.numel()
+        recv = torch.empty(self.n * width, dtype=send.dtype, device=send.device)
+        work = _all_gather_single(recv, send, group=self.group, async_op=True)
+        idt = index_dtype(vals.dtype)
+
+        def ordered_sum(_: Future) -> Tensor:
+            rows = recv.view(self.n, width)
+            out = torch.zeros(d, dtype=out_dtype, device=recv.device)
+            for r in range(self.n):  # rank order: bitwise the same sum on every rank
+                ridx = rows[r, k:].contiguous().view(idt)
+                out.index_add_(0, ridx, rows[r, :k].to(out_dtype))
+            return out
+
+        return work.get_future().then(ordered_sum)
+
+    def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype) -> float:
+        """Bytes this rank receives for one message of the given kind (SPEC §3 formulas)."""
+        s = torch.empty((), dtype=value_dtype).element_size()
+        if kind == "dense":
+            return ring_allreduce_bytes(d, s, self.n)
+        if kind == "shared":
+            return ring_allreduce_bytes(k, s, self.n)
+        if kind == "gather":
+            s_idx = torch.empty((), dtype=index_dtype(value_dtype)).element_size()
+            return allgather_bytes(k, s + s_idx, self.n)
+        raise ValueError(f"unknown exchange {kind!r}")
