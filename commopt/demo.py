@@ -91,7 +91,11 @@ def make_mlp(
 
 
 class SyntheticTask:
-    """Deterministic classification data: Gaussian inputs, labels from a fixed random teacher MLP.
+    """Deterministic classification data: Gaussian inputs, labels from a fixed random teacher.
+
+    The teacher's logits are ``x @ L + tanh(x @ W1) @ W2`` (a linear part plus a
+    small tanh network), so the task is learnable in a few hundred SGD steps
+    but not linear.
 
     ``train_shard(rank)`` is that rank's own training data (seeded by rank),
     ``test`` the shared held-out set.  Everything lives on ``device``.
@@ -102,13 +106,14 @@ class SyntheticTask:
         seed: int = SEED,
         in_features: int = IN_FEATURES,
         num_classes: int = NUM_CLASSES,
-        train_per_rank: int = 8192,
+        train_per_rank: int = 16384,
         test_size: int = 4096,
         device: torch.device | str = "cpu",
     ) -> None:
         self.seed, self.in_features, self.train_per_rank = seed, in_features, train_per_rank
         self.device = torch.device(device)
         g = torch.Generator().manual_seed(seed)
+        self._lin = torch.randn(in_features, num_classes, generator=g) / math.sqrt(in_features)
         self._w1 = torch.randn(in_features, 64, generator=g) / math.sqrt(in_features)
         self._w2 = torch.randn(64, num_classes, generator=g) / math.sqrt(64)
         self.test = self._sample(test_size, seed + 999_983)
@@ -116,7 +121,7 @@ class SyntheticTask:
     @torch.no_grad()
     def label(self, x: torch.Tensor) -> torch.Tensor:
         """Teacher labels for inputs ``x`` (CPU)."""
-        return (torch.tanh(x @ self._w1) @ self._w2).argmax(dim=1)
+        return (x @ self._lin + torch.tanh(x @ self._w1) @ self._w2).argmax(dim=1)
 
     def _sample(self, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(seed)

@@ -89,7 +89,7 @@ class Exchange:
             rows = recv.view(self.n, width)
             out = torch.zeros(d, dtype=out_dtype, device=recv.device)
             for r in range(self.n):  # rank order: bitwise the same sum on every rank
-                ridx = rows[r, k:].contiguous().view(idt)
+                ridx = rows[r, k:].clone().view(idt)  # clone: a fresh storage offset for the view
                 out.index_add_(0, ridx, rows[r, :k].to(out_dtype))
             return out
 

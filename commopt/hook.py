@@ -61,6 +61,7 @@ class _Bucket:
     key: int                       # layout-independent key (seeds RandK)
     slots: dict[str, Tensor] = field(default_factory=dict)
     canon: Optional[tuple[Tensor, Tensor]] = None  # (canonical starts, buffer starts) for shared indices
+    skipped: Optional[Tensor] = None  # rounds whose average was non-finite (device counter, no sync)
 
     def offsets(self) -> list[int]:
         out, acc = [], 0
@@ -116,8 +117,7 @@ class CompressionState:
         self._where: dict[int, tuple[dict[str, Tensor], int]] = {}  # param id -> (slots, offset)
         self._sizes: dict[int, int] = {}
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
-                      "compressed_rounds": 0, "skipped_steps": 0, "collectives": {}}
-        self._nonfinite: list[Tensor] = []
+                      "compressed_rounds": 0, "collectives": {}}
 
     # -- pickling: drop the process group (like PyTorch's PowerSGDState) ------------------------
     def __getstate__(self) -> dict:
@@ -156,7 +156,7 @@ class CompressionState:
         k = self.compressor.num_selected(d)
         b = _Bucket(layout=layout, numels=numels, d=d, k=k,
                     exchange=choose_exchange(self.compressor.shared_indices, k, d, self.world_size),
-                    key=_stable_key(layout))
+                    key=_stable_key(layout), skipped=torch.zeros((), dtype=torch.int64, device=buf.device))
         if self.compressor.shared_indices and list(layout) != sorted(layout):
             b.canon = self._canonical_map(layout, numels, buf.device)
         self._adopt(b, buf)
@@ -233,7 +233,7 @@ class CompressionState:
             if scale is not None:
                 mean.div_(scale.to(sdt))
             ok = torch.isfinite(mean).all()
-            self._nonfinite.append(~ok)
+            b.skipped += ~ok
             if names:
                 new = self.feedback.init(g, mean)
                 for name in names:
@@ -270,7 +270,7 @@ class CompressionState:
         def finish(f: Future) -> Tensor:
             mean = f.value().to(sdt) / n
             ok = torch.isfinite(mean).all()
-            self._nonfinite.append(~ok)
+            b.skipped += ~ok
             new = fb.update(b.slots, g, p, pending, idx, vals, mean)
             for name, value in new.items():
                 b.slots[name].copy_(torch.where(ok, value, b.slots[name]))
@@ -329,6 +329,11 @@ class CompressionState:
             flat = {name: t.reshape(-1) for name, t in slots.items()}
             self._where[int(pid)] = (flat, 0)
             self._sizes[int(pid)] = next(iter(flat.values())).numel() if flat else 0
+
+    def skipped_rounds(self) -> int:
+        """Most non-finite (skipped) rounds of any current bucket. Synchronises: call outside the hook."""
+        counts = [int(b.skipped) for b in self._buckets.values() if b.skipped is not None]
+        return max(counts, default=0)
 
     # -- replicated-state check ------------------------------------------------------------------------
     def replicated_checksum(self) -> Tensor:

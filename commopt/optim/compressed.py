@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..compressors import Compressor
-from ..consistency import assert_same_across_ranks
+from ..consistency import build_consistently
 from ..feedback import Feedback
 from ..hook import CompressionState, compression_hook
 from .wrapper import WrappedOptimizer
@@ -66,25 +66,32 @@ class CompressedOptimizer(WrappedOptimizer):
             raise TypeError(
                 f"CompressedOptimizer needs a torch.nn.parallel.DistributedDataParallel model, got "
                 f"{type(ddp_model).__name__}; wrap it first: DistributedDataParallel(model)")
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call commopt.init_distributed() first")
         super().__init__(optimizer)
-        if on_world_size_change not in ("error", "reset"):
-            raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
-        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
-            raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
-        model_params = {id(p) for p in ddp_model.module.parameters()}
-        foreign = [p for p in self.params() if id(p) not in model_params]
-        if foreign:
-            raise ValueError(f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the DDP model")
         group = process_group if process_group is not None else ddp_model.process_group
-        self.hook_state = CompressionState(compressor, feedback, group, warmup_steps,
-                                           model=ddp_model.module, grad_scaler=grad_scaler)
+        self.process_group = group
+
+        def build() -> tuple[CompressionState, dict]:
+            if on_world_size_change not in ("error", "reset"):
+                raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
+            if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+                raise ValueError(f"check_every must be an integer >= 0, got {check_every!r}")
+            model_params = {id(p) for p in ddp_model.module.parameters()}
+            foreign = [p for p in self.params() if id(p) not in model_params]
+            if foreign:
+                raise ValueError(f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the DDP model")
+            state = CompressionState(compressor, feedback, group, warmup_steps,
+                                     model=ddp_model.module, grad_scaler=grad_scaler)
+            config = {**state.config(), "model": _model_signature(ddp_model.module),
+                      "optimizer": type(optimizer).__name__, "check_every": check_every,
+                      "on_world_size_change": on_world_size_change}
+            return state, config
+
+        # every rank learns of a bad setting on any rank (no rank is left waiting in a collective)
+        self.hook_state = build_consistently(build, group, what="CompressedOptimizer")
         self.check_every = check_every
         self.on_world_size_change = on_world_size_change
-        self.process_group = group
-        assert_same_across_ranks(
-            {**self.hook_state.config(), "model": _model_signature(ddp_model.module),
-             "optimizer": type(optimizer).__name__, "check_every": check_every},
-            group, what="CompressedOptimizer")
         ddp_model.register_comm_hook(self.hook_state, compression_hook)
         self._steps = 0
 
@@ -110,7 +117,8 @@ class CompressedOptimizer(WrappedOptimizer):
         ``steps``: hook steps; ``bytes_sent``: bytes this rank sent (= received) by the
         SPEC §3 ring formulas; ``bytes_dense``: what dense all-reduce would have moved;
         ``collective``: the exchange(s) that ran (``gather``, ``shared``, ``dense``);
-        ``collectives``: calls per exchange; ``dense_rounds``/``compressed_rounds``: bucket rounds.
+        ``collectives``: calls per exchange; ``dense_rounds``/``compressed_rounds``: bucket rounds; ``skipped_rounds``: rounds
+        whose average was non-finite (state left untouched).
         """
         st = self.hook_state.stats
         names = sorted(st["collectives"], key=lambda c: (c == "dense", c))
@@ -123,6 +131,7 @@ class CompressedOptimizer(WrappedOptimizer):
             "collectives": dict(st["collectives"]),
             "dense_rounds": st["dense_rounds"],
             "compressed_rounds": st["compressed_rounds"],
+            "skipped_rounds": self.hook_state.skipped_rounds(),
             "compression": repr(self.compressor),
             "feedback": repr(self.feedback),
             "world_size": self.hook_state.world_size,
