@@ -80,6 +80,11 @@ class DistInfo(NamedTuple):
     launcher: str
 
 
+#: What the last successful :func:`init_distributed` returned; later calls
+#: on the still-initialised group return it unchanged.
+_INFO: DistInfo | None = None
+
+
 # --------------------------------------------------------------------------- pure helpers
 
 
@@ -392,7 +397,10 @@ def _mpi_rendezvous(env: MutableMapping[str, str], master_port: int) -> None:
 
 def _info_from_initialised(launcher: str) -> DistInfo:
     """Describe an already-initialised default process group."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0") or 0)
+    try:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        local_rank = 0
     if torch.cuda.is_available() and dist.get_backend() != "gloo":
         device = torch.device("cuda", torch.cuda.current_device())
     elif torch.cuda.is_available():
@@ -430,8 +438,11 @@ def init_distributed(
     Raises ``ValueError`` for malformed or inconsistent launcher variables and
     ``RuntimeError`` when a requested backend is unavailable.
     """
+    global _INFO
     env = os.environ
     if dist.is_available() and dist.is_initialized():
+        if _INFO is not None and _INFO.rank == dist.get_rank() and _INFO.world_size == dist.get_world_size():
+            return _INFO
         return _info_from_initialised(detect_launcher(env))
     if not dist.is_available():
         raise RuntimeError("torch.distributed is not available in this PyTorch build")
@@ -474,4 +485,5 @@ def init_distributed(
     dist.init_process_group(
         backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout
     )
-    return DistInfo(rank, world_size, local_rank, device, launcher)
+    _INFO = DistInfo(rank, world_size, local_rank, device, launcher)
+    return _INFO

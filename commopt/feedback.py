@@ -199,8 +199,10 @@ class EControl(Feedback):
 
     def prepare(self, state: State, g: Tensor, density: float = 1.0) -> tuple[Tensor, State]:
         eta = self.eta_for(density)
-        q = state["e"] + g - state["h_i"]
-        p = q if eta == 1.0 else q.add(state["e"], alpha=eta - 1.0)
+        r = g - state["h_i"]
+        q = state["e"] + r
+        # p = (g − h_i) + η·e: bitwise EF21's g − w_i at η = 0 (SPEC §2 exact check)
+        p = q if eta == 1.0 else r.add(state["e"], alpha=eta)
         return p, {"q": q}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
