@@ -14,8 +14,13 @@ rounds while DDP rebuilds its buckets, counts steps on ``bucket.is_last()``
 and bytes on the host, and never blocks: no ``.item()``, no ``nonzero()``, no
 size exchange; futures are chained with ``.then()``.
 
-State is stored per bucket (flat, in the bucket's order) and can be re-cut per
-parameter, so a checkpoint does not depend on DDP's bucket layout.
+The unit of compression is a *block*: the set of parameters of one DDP bucket
+after DDP's bucket rebuild, with its own k, exchange and flat state. Blocks are
+recorded in checkpoints, so a resumed run compresses exactly as the
+uninterrupted one even though a fresh DDP puts every parameter in one bucket in
+its first iteration (that bucket is then processed block by block). The new
+state of every block is committed at the end of the step, and only when every
+block's average was finite on every rank.
 """
 
 from __future__ import annotations
@@ -49,19 +54,19 @@ def _stable_key(param_ids: Iterable[int]) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 62) - 1)
 
 
-@dataclass
-class _Bucket:
-    """State of one DDP bucket with a given layout."""
 
-    layout: tuple[int, ...]        # parameter ids in buffer order
+@dataclass
+class Block:
+    """One compression unit: a fixed set of parameters, its k, exchange and flat feedback state."""
+
+    pids: tuple[int, ...]          # parameter numbers, in the block's (state) order
     numels: tuple[int, ...]
     d: int
     k: int
     exchange: str                  # "gather" | "shared" | "dense"
     key: int                       # layout-independent key (seeds RandK)
     slots: dict[str, Tensor] = field(default_factory=dict)
-    canon: Optional[tuple[Tensor, Tensor]] = None  # (canonical starts, buffer starts) for shared indices
-    skipped: Optional[Tensor] = None  # rounds whose average was non-finite (device counter, no sync)
+    canon: Optional[tuple[Tensor, Tensor]] = None  # (canonical starts, block starts) for shared indices
 
     def offsets(self) -> list[int]:
         out, acc = [], 0
@@ -71,12 +76,21 @@ class _Bucket:
         return out
 
 
+@dataclass
+class _Plan:
+    """How one DDP bucket layout maps onto blocks: (block, buffer positions or None, offset)."""
+
+    layout: tuple[int, ...]
+    d: int
+    parts: list[tuple[Block, Optional[Tensor], int]]
+
+
 class CompressionState:
-    """State of :func:`compression_hook`: compressor, feedback rule, per-bucket error state, counters.
+    """State of :func:`compression_hook`: compressor, feedback rule, per-block error state, counters.
 
     Use it directly with ``ddp_model.register_comm_hook(state, compression_hook)``,
     or let :class:`commopt.CompressedOptimizer` do it. ``model`` (the module DDP
-    wraps) names the parameters, so that checkpoints are independent of the bucket
+    wraps) numbers the parameters, so that checkpoints are independent of the bucket
     layout; without it parameters are numbered in the order the hook first meets them.
 
     ``grad_scaler`` (a ``torch.amp.GradScaler``): the hook divides by its current
@@ -107,15 +121,21 @@ class CompressionState:
         self.warmup_steps = warmup_steps
         self.grad_scaler = grad_scaler
         self.exchange = Exchange(process_group)
+        self.slot_names = self.feedback.local_slots + self.feedback.shared_slots
         self.step = 0
         self.dense_until = 0                       # forced dense rounds (after a state reset)
         self._param_ids: dict[int, int] = {}       # id(param) -> parameter number
+        self._device = torch.device("cpu")
         if model is not None:
             for i, p in enumerate(model.parameters()):
                 self._param_ids[id(p)] = i
-        self._buckets: dict[int, _Bucket] = {}
-        self._where: dict[int, tuple[dict[str, Tensor], int]] = {}  # param id -> (slots, offset)
-        self._sizes: dict[int, int] = {}
+                self._device = p.device
+        self._plans: dict[int, _Plan] = {}         # bucket index -> plan of its current layout
+        self._block_of: dict[int, tuple[Block, int]] = {}  # parameter number -> (block, offset in block)
+        self._order: dict[int, int] = {}           # id(block) -> bucket index it was made for (ordering)
+        self._pending: list[tuple[Block, Tensor, dict[str, Tensor]]] = []  # filled by callbacks
+        self._step_futures: list[Future] = []
+        self._skipped = torch.zeros((), dtype=torch.int64)
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
                       "compressed_rounds": 0, "collectives": {}}
 
@@ -137,70 +157,99 @@ class CompressionState:
     def in_warmup(self) -> bool:
         return self.step < max(self.warmup_steps, self.dense_until)
 
-    # -- bucket layout ------------------------------------------------------------------------------
+    def blocks(self) -> dict[int, Block]:
+        """The live blocks, numbered in bucket order (for inspection and tests)."""
+        live = {id(b): b for b, _ in self._block_of.values()}
+        ordered = sorted(live.values(), key=lambda b: (self._order.get(id(b), 0), min(b.pids)))
+        return dict(enumerate(ordered))
+
+    # -- blocks and bucket plans -------------------------------------------------------------------
     def _param_id(self, p: Tensor) -> int:
         pid = self._param_ids.get(id(p))
         if pid is None:
             pid = self._param_ids[id(p)] = len(self._param_ids)
         return pid
 
-    def _bucket_for(self, index: int, params: list[Tensor], buf: Tensor) -> _Bucket:
-        layout = tuple(self._param_id(p) for p in params)
-        b = self._buckets.get(index)
-        if b is not None and b.layout == layout and b.d == buf.numel():
-            return b
-        numels = tuple(p.numel() for p in params)
-        d = buf.numel()
-        if sum(numels) != d:
-            raise RuntimeError(f"bucket {index}: parameters hold {sum(numels)} elements but the buffer {d}")
+    def _make_block(self, pids: tuple[int, ...], numels: tuple[int, ...], slots: dict[str, Tensor],
+                    device: torch.device) -> Block:
+        d = sum(numels)
         k = self.compressor.num_selected(d)
-        b = _Bucket(layout=layout, numels=numels, d=d, k=k,
+        blk = Block(pids=pids, numels=numels, d=d, k=k,
                     exchange=choose_exchange(self.compressor.shared_indices, k, d, self.world_size),
-                    key=_stable_key(layout), skipped=torch.zeros((), dtype=torch.int64, device=buf.device))
-        if self.compressor.shared_indices and list(layout) != sorted(layout):
-            b.canon = self._canonical_map(layout, numels, buf.device)
-        self._adopt(b, buf)
-        self._buckets[index] = b
-        return b
+                    key=_stable_key(pids), slots=slots)
+        if self.compressor.shared_indices and list(pids) != sorted(pids):
+            blk.canon = self._canonical_map(pids, numels, device)
+        for pid, off in zip(pids, blk.offsets()):
+            self._block_of[pid] = (blk, off)
+        return blk
 
     @staticmethod
-    def _canonical_map(layout: tuple[int, ...], numels: tuple[int, ...], device: torch.device):
-        """Map from coordinates in parameter order to buffer positions (RandK picks the former)."""
+    def _canonical_map(pids: tuple[int, ...], numels: tuple[int, ...], device: torch.device):
+        """Map from coordinates in parameter order to block positions (RandK picks the former)."""
         starts, acc = {}, 0
-        for pid, n in zip(layout, numels):
+        for pid, n in zip(pids, numels):
             starts[pid] = acc
             acc += n
-        canon, buf_starts, acc = [], [], 0
-        for pid, n in sorted(zip(layout, numels)):
+        canon, blk_starts, acc = [], [], 0
+        for pid, n in sorted(zip(pids, numels)):
             canon.append(acc)
-            buf_starts.append(starts[pid])
+            blk_starts.append(starts[pid])
             acc += n
         return (torch.tensor(canon, dtype=torch.int64, device=device),
-                torch.tensor(buf_starts, dtype=torch.int64, device=device))
+                torch.tensor(blk_starts, dtype=torch.int64, device=device))
 
-    def _adopt(self, b: _Bucket, buf: Tensor) -> None:
-        """Fill a new bucket's state from the per-parameter state of old buckets or a checkpoint."""
-        names = self.feedback.local_slots + self.feedback.shared_slots
-        if not names or any(pid not in self._where for pid in b.layout):
-            b.slots = {}  # needs a dense round first (or the rule keeps no state)
-        else:
-            sdt = _state_dtype(buf.dtype)
-            parts = {n: [] for n in names}
-            for pid, numel in zip(b.layout, b.numels):
-                slots, off = self._where[pid]
-                for n in names:
-                    parts[n].append(slots[n][off:off + numel].to(device=buf.device, dtype=sdt))
-            b.slots = {n: torch.cat(v) for n, v in parts.items()}
-        self._register(b)
+    def _plan_for(self, index: int, params: list[Tensor], buf: Tensor) -> _Plan:
+        layout = tuple(self._param_id(p) for p in params)
+        plan = self._plans.get(index)
+        if plan is not None and plan.layout == layout and plan.d == buf.numel():
+            return plan
+        numels = tuple(p.numel() for p in params)
+        if sum(numels) != buf.numel():
+            raise RuntimeError(f"bucket {index}: parameters hold {sum(numels)} elements but the buffer {buf.numel()}")
+        start, acc = {}, 0
+        for pid, n in zip(layout, numels):
+            start[pid] = acc
+            acc += n
+        known = [self._block_of.get(pid) for pid in layout]
+        blocks: list[Block] = []
+        if all(kb is not None for kb in known):
+            for blk, _ in known:  # type: ignore[misc]
+                if all(blk is not b for b in blocks):
+                    blocks.append(blk)
+        exact = bool(blocks) and sorted(pid for b in blocks for pid in b.pids) == sorted(layout)
+        if not exact or (len(blocks) == 1 and blocks[0].pids != layout):
+            # a new block in buffer order; state is cut per parameter from the old blocks
+            blocks = [self._make_block(layout, numels, self._adopt(layout, numels, buf), buf.device)]
+            self._order[id(blocks[0])] = index
+        parts = []
+        for blk in blocks:
+            blk.slots = {n: t.to(buf.device) for n, t in blk.slots.items()}
+            ranges = [(start[pid], n) for pid, n in zip(blk.pids, blk.numels)]
+            contiguous = all(ranges[i][0] + ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
+            if contiguous:
+                parts.append((blk, None, ranges[0][0]))
+            else:
+                pos = torch.cat([torch.arange(s, s + n, device=buf.device) for s, n in ranges])
+                parts.append((blk, pos, 0))
+        plan = _Plan(layout=layout, d=buf.numel(), parts=parts)
+        self._plans[index] = plan
+        return plan
 
-    def _register(self, b: _Bucket) -> None:
-        if not b.slots:
-            return
-        for pid, off, numel in zip(b.layout, b.offsets(), b.numels):
-            self._where[pid] = (b.slots, off)
-            self._sizes[pid] = numel
+    def _adopt(self, pids: tuple[int, ...], numels: tuple[int, ...], buf: Tensor) -> dict[str, Tensor]:
+        """State for a new block, cut from the per-parameter state of older blocks ({} if any is missing)."""
+        if not self.slot_names or any(pid not in self._block_of for pid in pids):
+            return {}
+        sdt = _state_dtype(buf.dtype)
+        parts: dict[str, list[Tensor]] = {n: [] for n in self.slot_names}
+        for pid, numel in zip(pids, numels):
+            blk, off = self._block_of[pid]
+            if not blk.slots:
+                return {}
+            for n in self.slot_names:
+                parts[n].append(blk.slots[n][off:off + numel].to(device=buf.device, dtype=sdt))
+        return {n: torch.cat(v) for n, v in parts.items()}
 
-    # -- the two kinds of round --------------------------------------------------------------------
+    # -- the two kinds of round (one block each) -----------------------------------------------------
     def _scale(self) -> Optional[Tensor]:
         s = getattr(self.grad_scaler, "_scale", None) if self.grad_scaler is not None else None
         if s is None or (hasattr(self.grad_scaler, "is_enabled") and not self.grad_scaler.is_enabled()):
@@ -213,18 +262,17 @@ class CompressionState:
         st["bytes_dense"] += self.exchange.message_bytes("dense", d, d, dtype)
         st["collectives"][kind] = st["collectives"].get(kind, 0) + 1
 
-    def dense_round(self, b: _Bucket, buf: Tensor) -> Future:
-        """Uncompressed all-reduce; (re)initialises the feedback state from it (SPEC §2)."""
-        n, sdt = self.world_size, _state_dtype(buf.dtype)
+    def dense_round(self, blk: Block, g_in: Tensor) -> Future:
+        """Uncompressed all-reduce of ``g_in`` (in place); (re)initialises the block's state (SPEC §2)."""
+        n, sdt = self.world_size, _state_dtype(g_in.dtype)
         scale = self._scale()
-        names = self.feedback.local_slots + self.feedback.shared_slots
-        g = buf.to(sdt, copy=True)
+        names = self.slot_names
+        g = g_in.to(sdt, copy=True)
         if scale is not None:
             g.div_(scale.to(sdt))
-        if names and not b.slots:
-            b.slots = {name: torch.zeros_like(g) for name in names}
-            self._register(b)
-        self._count("dense", self.exchange.message_bytes("dense", b.d, b.d, buf.dtype), b.d, buf.dtype)
+        if names and not blk.slots:
+            blk.slots = {name: torch.zeros_like(g) for name in names}
+        self._count("dense", self.exchange.message_bytes("dense", blk.d, blk.d, g_in.dtype), blk.d, g_in.dtype)
         self.stats["dense_rounds"] += 1
 
         def finish(fut: Future) -> Tensor:
@@ -233,117 +281,141 @@ class CompressionState:
             if scale is not None:
                 mean.div_(scale.to(sdt))
             ok = torch.isfinite(mean).all()
-            b.skipped += ~ok
             if names:
-                new = self.feedback.init(g, mean)
-                for name in names:
-                    b.slots[name].copy_(torch.where(ok, new[name], b.slots[name]))
+                self._pending.append((blk, ok, self.feedback.init(g, mean)))
             return total.div_(n)
 
-        return self.exchange.dense(buf).then(finish)
+        return self.exchange.dense(g_in).then(finish)
 
-    def compressed_round(self, b: _Bucket, buf: Tensor) -> Future:
-        """Compress with feedback, exchange a fixed-size message, update the state."""
-        n, sdt = self.world_size, _state_dtype(buf.dtype)
+    def compressed_round(self, blk: Block, g_in: Tensor) -> Future:
+        """Compress with feedback, exchange a fixed-size message; the new state waits for the step's commit."""
+        n, sdt = self.world_size, _state_dtype(g_in.dtype)
         scale = self._scale()
-        g = buf.to(sdt)
+        g = g_in.to(sdt)
         if scale is not None:
             g = g / scale.to(sdt)
-        density = b.k / b.d
-        p, pending = self.feedback.prepare(b.slots, g, density)
-        idx = self._select(b, p)
-        vals = self.compressor.values(p, idx).to(buf.dtype)
+        p, pending = self.feedback.prepare(blk.slots, g, blk.k / blk.d)
+        idx = self._select(blk, p)
+        vals = self.compressor.values(p, idx).to(g_in.dtype)
         # a non-finite local gradient poisons the message, so every rank sees it and skips
-        local_ok = torch.isfinite(g).all()
-        vals = torch.where(local_ok, vals, torch.full_like(vals, float("nan")))
-        if b.exchange == "gather":
-            fut = self.exchange.gather(idx, vals, b.d, sdt)
-        elif b.exchange == "shared":
-            fut = self.exchange.shared(idx, vals, b.d, sdt)
+        vals = torch.where(torch.isfinite(g).all(), vals, torch.full_like(vals, float("nan")))
+        if blk.exchange == "gather":
+            fut = self.exchange.gather(idx, vals, blk.d, sdt)
+        elif blk.exchange == "shared":
+            fut = self.exchange.shared(idx, vals, blk.d, sdt)
         else:
-            dense = torch.zeros(b.d, dtype=buf.dtype, device=buf.device).index_put_((idx,), vals)
+            dense = torch.zeros(blk.d, dtype=g_in.dtype, device=g_in.device).index_put_((idx,), vals)
             fut = self.exchange.dense(dense)
-        self._count(b.exchange, self.exchange.message_bytes(b.exchange, b.k, b.d, buf.dtype), b.d, buf.dtype)
+        self._count(blk.exchange, self.exchange.message_bytes(blk.exchange, blk.k, blk.d, g_in.dtype),
+                    blk.d, g_in.dtype)
         self.stats["compressed_rounds"] += 1
         fb = self.feedback
 
         def finish(f: Future) -> Tensor:
             mean = f.value().to(sdt) / n
             ok = torch.isfinite(mean).all()
-            b.skipped += ~ok
-            new = fb.update(b.slots, g, p, pending, idx, vals, mean)
-            for name, value in new.items():
-                b.slots[name].copy_(torch.where(ok, value, b.slots[name]))
-            est = torch.where(ok, fb.estimate(b.slots, mean), mean)
+            new = fb.update(blk.slots, g, p, pending, idx, vals, mean)
+            if new:
+                self._pending.append((blk, ok, new))
+            est = torch.where(ok, fb.estimate(new, mean), mean)
             if scale is not None:
                 est = est * scale.to(sdt)
-            buf.copy_(est)
-            return buf
+            g_in.copy_(est)
+            return g_in
 
         return fut.then(finish)
 
-    def _select(self, b: _Bucket, p: Tensor) -> Tensor:
-        if not self.compressor.shared_indices:
-            return self.compressor.select(p, b.k, self.step, b.key)
-        idx = self.compressor.select(p, b.k, self.step, b.key)  # coordinates in parameter order
-        if b.canon is None:
+    def _select(self, blk: Block, p: Tensor) -> Tensor:
+        idx = self.compressor.select(p, blk.k, self.step, blk.key)
+        if not self.compressor.shared_indices or blk.canon is None:
             return idx
-        canon, buf_starts = b.canon
+        canon, blk_starts = blk.canon  # shared indices are drawn in parameter order
         j = torch.searchsorted(canon, idx, right=True) - 1
-        return buf_starts[j] + (idx - canon[j])
+        return blk_starts[j] + (idx - canon[j])
+
+    def _commit(self) -> None:
+        """Apply the step's new states, only if every block's average was finite (on every rank alike)."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        ok = torch.stack([item[1] for item in pending]).all()
+        if self._skipped.device != ok.device:
+            self._skipped = self._skipped.to(ok.device)
+        self._skipped += ~ok
+        for blk, _, new in pending:
+            for name, value in new.items():
+                old = blk.slots[name]
+                old.copy_(torch.where(ok.to(old.device), value, old))
+
+    def skipped_rounds(self) -> int:
+        """Steps whose average was non-finite somewhere (state left untouched). Synchronises: not in the hook."""
+        return int(self._skipped)
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's state, per parameter (independent of the bucket layout)."""
-        names = self.feedback.local_slots + self.feedback.shared_slots
+        """This rank's state per parameter, plus the block partition (independent of the bucket layout)."""
         params = {}
-        for pid, (slots, off) in self._where.items():
-            numel = self._sizes[pid]
-            params[pid] = {name: slots[name][off:off + numel].detach().clone() for name in names}
+        for pid, (blk, off) in self._block_of.items():
+            if blk.slots:
+                numel = blk.numels[blk.pids.index(pid)]
+                params[pid] = {name: blk.slots[name][off:off + numel].detach().clone() for name in self.slot_names}
+        blocks = [list(b.pids) for b in self.blocks().values()]
         return {"version": STATE_VERSION, "rank": self.rank, "step": self.step, "dense_until": self.dense_until,
-                **self.config(), "params": params}
+                **self.config(), "blocks": blocks, "params": params,
+                "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()}}
 
     def load_state_dict(self, sd: dict, on_world_size_change: str = "error") -> None:
-        """Restore this rank's state; see :meth:`commopt.CompressedOptimizer.load_state_dict`."""
+        """Restore this rank's state; see :meth:`commopt.CompressedOptimizer.load_state_dict`.
+
+        Everything is checked before anything changes: a refused checkpoint leaves the run as it was."""
         if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
             raise ValueError(f"not a commopt compression state (version {sd.get('version') if isinstance(sd, dict) else '?'})")
+        mine = self.config()
         for key in ("compressor", "feedback"):
-            if sd[key] != self.config()[key]:
-                raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {self.config()[key]}")
-        self._buckets.clear()
-        self._where.clear()
-        self._sizes.clear()
+            if sd[key] != mine[key]:
+                raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {mine[key]}")
+        reset = sd["world_size"] != self.world_size
+        if reset and on_world_size_change != "reset":
+            raise ValueError(
+                f"checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
+                "error-feedback state is per rank and cannot be mapped; pass on_world_size_change='reset' "
+                "to restart it with a dense round")
+        if not reset and sd["rank"] != self.rank:
+            raise ValueError(f"checkpoint holds rank {sd['rank']}'s state, this is rank {self.rank}: "
+                             "load each rank's own file")
+        numels = {int(pid): int(n) for pid, n in sd["numels"].items()}
+        params = {int(pid): slots for pid, slots in sd["params"].items()}
+        for pids in sd["blocks"]:
+            if any(int(pid) not in numels for pid in pids):
+                raise ValueError("checkpoint is inconsistent: a block names a parameter without a size")
+        # -- accepted: replace the state --
+        self._plans.clear()
+        self._block_of.clear()
+        self._order.clear()
+        self._pending.clear()
         self.step = int(sd["step"])
-        if sd["world_size"] != self.world_size:
-            if on_world_size_change != "reset":
-                raise ValueError(
-                    f"checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
-                    "error-feedback state is per rank and cannot be mapped; pass on_world_size_change='reset' "
-                    "to restart it with a dense round")
+        if reset:
             self.dense_until = self.step + max(1, self.warmup_steps)
             return
-        if sd["rank"] != self.rank:
-            raise ValueError(f"checkpoint holds rank {sd['rank']}'s state, this is rank {self.rank}: load each rank's own file")
         self.dense_until = int(sd.get("dense_until", 0))
-        for pid, slots in sd["params"].items():
-            flat = {name: t.reshape(-1) for name, t in slots.items()}
-            self._where[int(pid)] = (flat, 0)
-            self._sizes[int(pid)] = next(iter(flat.values())).numel() if flat else 0
-
-    def skipped_rounds(self) -> int:
-        """Most non-finite (skipped) rounds of any current bucket. Synchronises: call outside the hook."""
-        counts = [int(b.skipped) for b in self._buckets.values() if b.skipped is not None]
-        return max(counts, default=0)
+        device = self._device
+        for i, pids in enumerate(sd["blocks"]):
+            pids = tuple(int(pid) for pid in pids)
+            slots: dict[str, Tensor] = {}
+            if self.slot_names and all(pid in params for pid in pids):
+                slots = {n: torch.cat([params[pid][n].reshape(-1) for pid in pids]).to(device)
+                         for n in self.slot_names}
+            blk = self._make_block(pids, tuple(numels[pid] for pid in pids), slots, device)
+            self._order[id(blk)] = i
 
     # -- replicated-state check ------------------------------------------------------------------------
     def replicated_checksum(self) -> Tensor:
-        """Bit-level checksum (int64) of the replicated slots of every bucket, for cross-rank comparison."""
+        """Bit-level checksum (int64) of the replicated slots of every block, for cross-rank comparison."""
         acc = torch.zeros((), dtype=torch.int64)
-        for index in sorted(self._buckets):
-            b = self._buckets[index]
+        for blk in self.blocks().values():
             for name in self.feedback.shared_slots:
-                if name in b.slots:
-                    t = b.slots[name].detach()
+                if name in blk.slots:
+                    t = blk.slots[name].detach()
                     bits = t.view(torch.int64) if t.element_size() == 8 else t.view(torch.int32).to(torch.int64)
                     w = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
                     acc = acc + (bits * w).sum().cpu()
@@ -355,16 +427,41 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
 
     Returns a future of the averaged-gradient estimate (mean_i C(·) or the
     feedback rule's replicated estimator w/h), shaped like ``bucket.buffer()``.
+    The last bucket's future completes after the step's state commit.
     """
     buf = bucket.buffer()
-    b = state._bucket_for(bucket.index(), bucket.parameters(), buf)
-    if state.in_warmup() or (state.feedback.local_slots + state.feedback.shared_slots and not b.slots):
-        fut = state.dense_round(b, buf)
+    plan = state._plan_for(bucket.index(), bucket.parameters(), buf)
+    dense = state.in_warmup()
+    futures = []
+    for blk, pos, off in plan.parts:
+        g = buf.narrow(0, off, blk.d) if pos is None else buf.index_select(0, pos)
+        if dense or (state.slot_names and not blk.slots):
+            futures.append(state.dense_round(blk, g))
+        else:
+            futures.append(state.compressed_round(blk, g))
+    if len(plan.parts) == 1 and plan.parts[0][1] is None:
+        fut = futures[0].then(lambda _: buf)
     else:
-        fut = state.compressed_round(b, buf)
+        def assemble(_: Future) -> Tensor:
+            for (blk, pos, off), f in zip(plan.parts, futures):
+                est = f.value()
+                if pos is not None:
+                    buf.index_copy_(0, pos, est)
+            return buf
+        fut = torch.futures.collect_all(futures).then(assemble)
+    state._step_futures.append(fut)
     if bucket.is_last():
+        step_futures, state._step_futures = state._step_futures, []
         state.step += 1
         state.stats["steps"] += 1
+
+        def commit(_: Future) -> Tensor:
+            for f in step_futures:
+                f.value()  # re-raise a failed bucket
+            state._commit()
+            return buf
+
+        return torch.futures.collect_all(step_futures).then(commit)
     return fut
 
 
