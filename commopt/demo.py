@@ -42,7 +42,7 @@ __all__ = [
     "run_demo",
 ]
 
-#: Steps per setting for the default run (5 settings, 2 ranks, ~40-60 s on 2 CPU cores, measured).
+#: Steps per setting for the default run (6 settings, 2 ranks, ~50-70 s on 2 CPU cores, measured).
 DEFAULT_STEPS = 1000
 #: Steps per setting with ``--quick``.
 QUICK_STEPS = 150
@@ -70,6 +70,7 @@ class Setting:
 #: own local momentum inside the feedback rule.
 SETTINGS: tuple[Setting, ...] = (
     Setting("dense DDP", None, None),
+    Setting("TopK 10% + EControl", "topk:0.1", "econtrol"),
     Setting("TopK 1% + EControl", "topk:0.01", "econtrol"),
     Setting("TopK 1% + EF21-SGDM", "topk:0.01", "ef21-sgdm"),
     Setting("RandK 1% + EF14", "randk:0.01", "ef14"),
