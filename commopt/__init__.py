@@ -5,13 +5,17 @@ The data path of compressed DDP training, top to bottom:
 :mod:`commopt.compressors` (which k entries) -> :mod:`commopt.exchange`
 (fixed-size collective) -> :mod:`commopt.feedback` (state update) ->
 :class:`CompressedOptimizer` (the wrapped optimizer steps).
+
+:class:`CO2` trains τ local steps per round and overlaps the outer all-reduce
+with the next round.
 """
 
 from .compressors import Compressor, RandK, ScaledRandK, TopK, make_compressor
 from .distributed import DistInfo, init_distributed
 from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback, NoFeedback, make_feedback
 from .hook import CompressionState, compression_hook
-from .optim import CompressedOptimizer
+from .optim import CO2, CompressedOptimizer
+from .outer import AdaptivePenalty, ConstantPenalty, NoPenalty, Penalty
 
 try:
     from importlib.metadata import version as _version
@@ -25,5 +29,6 @@ __all__ = [
     "Feedback", "NoFeedback", "EF14", "EF21", "EF21SGDM", "EControl", "make_feedback",
     "CompressionState", "compression_hook",
     "CompressedOptimizer",
+    "CO2", "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty",
     "init_distributed", "DistInfo",
 ]

@@ -1,6 +1,7 @@
 """commopt's optimizers: each a ``torch.optim.Optimizer`` wrapping a first-order optimizer."""
 
+from .co2 import CO2, local_gradients_hook
 from .compressed import CompressedOptimizer
 from .wrapper import WrappedOptimizer
 
-__all__ = ["CompressedOptimizer", "WrappedOptimizer"]
+__all__ = ["CO2", "CompressedOptimizer", "WrappedOptimizer", "local_gradients_hook"]

@@ -1,0 +1,544 @@
+"""``CO2``: local updates with the outer all-reduce fully overlapped with computation (SPEC §6).
+
+CO2 (Sun, Qin, Sun, Li, Li, Shen, Qiao, Zhong, ICLR 2024, arXiv 2401.16265) lets
+every rank take τ steps of its own inner optimizer, then averages the
+*pseudo-gradient* d_i = s_i − x_i (how far the rank moved this round) with an
+all-reduce that runs in the background during the next τ steps and is applied
+one round late, through a penalised, clipped outer momentum. Communication is
+hidden while τ × (compute per step) ≥ the all-reduce time. Implemented from
+SPEC §6, not from the released code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Any, Callable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from ..compressors import Compressor
+from ..consistency import build_consistently
+from ..feedback import Feedback
+from ..outer import OuterExchange, Penalty, make_penalty
+from .wrapper import WrappedOptimizer
+
+__all__ = ["CO2", "local_gradients_hook"]
+
+STATE_VERSION = 1
+_VARIANTS = ("eager", "delayed")
+
+
+def local_gradients_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future:
+    """DDP communication hook that communicates nothing: each rank keeps its own gradient.
+
+    DDP hands a hook the bucket's *local* gradient (the built-in all-reduce hook
+    divides by n itself), so returning the buffer untouched makes ``backward()`` on
+    the DDP model produce exactly the gradient a plain module would. CO2 registers
+    it on a DDP model, so the training script's ``loss.backward()`` needs no
+    ``no_sync()`` context: local steps never all-reduce gradients.
+    """
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
+
+
+# DDP inspects the annotations; with postponed evaluation they would be strings
+local_gradients_hook.__annotations__ = {"state": object, "bucket": dist.GradBucket,
+                                        "return": torch.futures.Future[torch.Tensor]}
+
+
+def _signature(params: list[Tensor]) -> str:
+    text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _checksum(tensors: list[Tensor]) -> Tensor:
+    """Bit-level checksum (int64, on the CPU) of a list of float tensors, for cross-rank comparison."""
+    acc = torch.zeros((), dtype=torch.int64)
+    for t in tensors:
+        t = t.detach().reshape(-1).cpu()
+        bits = t.view(torch.int64) if t.element_size() == 8 else (
+            t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)).to(torch.int64)
+        w = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+        acc = acc * 1000003 + (bits * w).sum()
+    return acc
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"CO2: {name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+class CO2(WrappedOptimizer):
+    """Local steps with a fully overlapped, one-round-stale outer step (Sun et al., ICLR 2024; SPEC §6).
+
+    At the end of round t, with x_i this rank's parameters and s_i the round's start::
+
+        d_i = s_i − x_i                                # this round's pseudo-gradient
+        Δ̄   = mean_i d_i of round t−1                  # all-reduce launched a round ago, waited for now
+        g   = P_t · Δ̄;   m = clamp(β·m + g, −φ, φ)     # staleness penalty, clipped outer momentum
+        θ   = θ − α·m                                  # (Nesterov: θ − α·(g + β·m))
+        launch all-reduce(d_i) into a private buffer;  s_i = θ − d_i ("eager") or θ ("delayed");  x_i ← s_i
+
+    θ (the anchor) and m are bitwise identical on all ranks. With ``overlap=False``
+    the all-reduce of d_i is waited for at once and applied in the same round
+    (blocking local SGD / DiLoCo); then both variants restart from x_i ← θ.
+
+    Args:
+        model: the module being trained, or a ``DistributedDataParallel`` wrapping it.
+            For DDP, :func:`local_gradients_hook` is registered so that ``backward()``
+            never all-reduces gradients (no ``no_sync()`` needed in the training loop). DDP
+            still broadcasts module *buffers* from rank 0 at every forward (a blocking
+            collective) when the model has any: pass ``broadcast_buffers=False`` to DDP to
+            keep, e.g., BatchNorm statistics local and the step free of communication.
+        optimizer: the inner optimizer (any ``torch.optim`` optimizer), built over all
+            trainable parameters of ``model``. Its state stays local (not averaged).
+        tau: local steps per round, ≥ 1.
+        outer_lr: α > 0.
+        outer_momentum: β in [0, 1). Default (``None``): 0.5, or 0 with ``variant="delayed"``
+            (which oscillates or diverges with β ≥ 0.2 and the adaptive penalty; see below).
+        nesterov: Nesterov form of the outer momentum.
+        clip: φ > 0, element-wise clamp of m to [−φ, φ]; ``None`` = no clipping.
+        penalty: staleness penalty P_t: ``None`` (off), a number λ (P = 1/λ),
+            ``"adaptive"`` / ``"adaptive:κ"`` (:class:`commopt.outer.AdaptivePenalty`),
+            or a :class:`commopt.outer.Penalty`.
+        variant: ``"eager"`` (keep own progress that is still in flight) or ``"delayed"``
+            (restart each round from the anchor: pure one-round staleness).
+        overlap: ``False`` waits for each all-reduce at once (blocking local SGD).
+        compressor: compress the outer exchange: a :class:`commopt.Compressor`,
+            ``"topk:0.01"``, ``"randk:0.05"``; ``None`` = dense all-reduce.
+        feedback: error feedback for the compressed exchange, applied to the pseudo-gradient
+            (SPEC §2 rules). Default ``"ef14"`` (error accumulation): every bit of a rank's
+            displacement is applied exactly once, later if not sent now. The estimator
+            rules (``"ef21"``, ``"econtrol"``) re-apply their stale estimate of d_i every
+            round, which double-counts displacements (like ``"delayed"``): on 4 ranks with
+            TopK 1% they ended 3.4-3.6x above DDP where EF14 gave 1.27x (TopK 10%: EF14
+            1.01x, EControl 1.15x); RandK 10% + EF21/EControl diverged (EF14 1.7x, no
+            feedback 1.4x). Prefer TopK with EF14.
+        state_device: where θ and m live (e.g. ``"cpu"`` to save accelerator memory);
+            default: the parameters' device.
+        buffer_dtype: dtype of the send buffer (e.g. ``torch.bfloat16``: half the bytes;
+            the sum is then carried out in bf16); default: the state dtype.
+        link_delay: seconds after its launch at which a collective's result becomes
+            available: emulates a slow link for tests and benchmarks (0 = off).
+        process_group: defaults to the DDP model's, else the default group.
+        check_every: every N rounds verify that θ and m are bitwise identical on all
+            ranks (one small blocking all-gather; 0 = never).
+
+    Defaults (τ = 12, α = 1, β = 0.5, φ = 1, adaptive penalty, ``"eager"``) were picked
+    from runs of ``experiments/co2_slow_link.py``'s task (teacher-MLP
+    classification, inner SGD lr 0.05 momentum 0.9, batch 32 per rank, 480 steps):
+    final loss relative to DDP at equal samples 0.81 / 0.97 / 0.98 on 2 / 4 / 8 ranks
+    (no penalty: 0.67 / 0.87 / 0.91; λ = 2: 0.99 / 1.05 / 1.03). ``"delayed"``
+    double-counts a round's progress (each round restarts from an anchor that lacks
+    the previous round), so it needs damping: without a penalty it oscillated
+    (2.8-5.1x DDP), with β = 0.2 + adaptive 1.7-1.9x, with β = 0.5 it diverged;
+    β = 0 + adaptive gave 1.22 / 1.14 / 1.11, hence its default β = 0. With an
+    aggressive inner rate (lr 0.2) every overlapped variant ended 1.3-1.9x above
+    DDP (blocking local SGD 1.1-1.25x): lower the inner rate or use ``overlap=False``
+    if the link is fast enough. The released code's β scaling with the GPU count
+    (0.2 up to 32) was not needed on 2-8 ranks here.
+
+    State dtype: float64 if any parameter is float64, else float32. Extra memory
+    (model-sized copies): θ, m, s, b for ``"eager"`` (4), θ, m, b for ``"delayed"``
+    (3), θ, m, b with ``overlap=False``; b may be bf16, θ and m may live on the CPU;
+    compression keeps b in the state dtype (the message is cut from it) and adds
+    the feedback rule's slots (EF14: 1, EF21: 2, EControl: 3). :meth:`memory_bytes`
+    reports them.
+
+    Checkpoints are per rank: save ``model.state_dict()`` (the local parameters
+    differ across ranks mid-round) and :meth:`state_dict` on every rank. An
+    all-reduce in flight is waited for at save time and stored as completed.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: Optimizer,
+        tau: int = 12,
+        outer_lr: float = 1.0,
+        outer_momentum: Optional[float] = None,
+        nesterov: bool = False,
+        clip: Optional[float] = 1.0,
+        penalty: "Penalty | float | str | None" = "adaptive",
+        variant: str = "eager",
+        overlap: bool = True,
+        *,
+        compressor: "str | Compressor | None" = None,
+        feedback: "str | Feedback | None" = "ef14",
+        state_device: "str | torch.device | None" = None,
+        buffer_dtype: Optional[torch.dtype] = None,
+        link_delay: float = 0.0,
+        process_group: Optional[dist.ProcessGroup] = None,
+        check_every: int = 0,
+    ) -> None:
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"CO2: model must be a torch.nn.Module or DistributedDataParallel, "
+                            f"got {type(model).__name__}")
+        super().__init__(optimizer)
+        is_ddp = isinstance(model, DistributedDataParallel)
+        module = model.module if is_ddp else model
+        use_dist = dist.is_available() and dist.is_initialized()
+        group = process_group if process_group is not None else (model.process_group if is_ddp else None)
+        self.process_group = group
+        self.use_dist = use_dist
+
+        def build() -> tuple[dict, dict]:
+            if isinstance(tau, bool) or not isinstance(tau, int) or tau < 1:
+                raise ValueError(f"CO2: tau (local steps per round) must be an integer >= 1, got {tau!r}")
+            alpha = _number("outer_lr", outer_lr)
+            if alpha <= 0:
+                raise ValueError(f"CO2: outer_lr must be > 0, got {outer_lr!r}")
+            beta = (0.0 if variant == "delayed" else 0.5) if outer_momentum is None else \
+                _number("outer_momentum", outer_momentum)
+            if not 0.0 <= beta < 1.0:
+                raise ValueError(f"CO2: outer_momentum must be in [0, 1), got {outer_momentum!r}")
+            phi = None if clip is None else _number("clip", clip)
+            if phi is not None and phi <= 0:
+                raise ValueError(f"CO2: clip (the momentum clipping threshold) must be > 0 or None, got {clip!r}")
+            if variant not in _VARIANTS:
+                raise ValueError(f"CO2: variant must be one of {_VARIANTS}, got {variant!r}")
+            for name, flag in (("nesterov", nesterov), ("overlap", overlap)):
+                if not isinstance(flag, bool):
+                    raise ValueError(f"CO2: {name} must be True or False, got {flag!r}")
+            delay = _number("link_delay", link_delay)
+            if delay < 0:
+                raise ValueError(f"CO2: link_delay must be >= 0 seconds, got {link_delay!r}")
+            if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+                raise ValueError(f"CO2: check_every must be an integer >= 0, got {check_every!r}")
+            if buffer_dtype is not None and buffer_dtype not in (torch.float32, torch.float64, torch.bfloat16,
+                                                                 torch.float16):
+                raise ValueError(f"CO2: buffer_dtype must be a float dtype or None, got {buffer_dtype!r}")
+            if is_ddp and getattr(model, "_comm_hooks", None):
+                raise ValueError("CO2: the DDP model already has a communication hook; CO2 registers its own "
+                                 "(local_gradients_hook) to keep local steps local. Pass a DDP model without a hook")
+            pen = make_penalty(penalty)
+            params = self.params()
+            if not params:
+                raise ValueError("CO2: the inner optimizer holds no parameters")
+            owned = {id(p) for p in module.parameters()}
+            foreign = [p for p in params if id(p) not in owned]
+            if foreign:
+                raise ValueError(f"CO2: the inner optimizer holds {len(foreign)} tensor(s) that are not parameters "
+                                 f"of the model; build it over model.parameters()")
+            mine = {id(p) for p in params}
+            missing = [n for n, p in module.named_parameters() if p.requires_grad and id(p) not in mine]
+            if missing:
+                raise ValueError(f"CO2: the inner optimizer does not own the model's trainable parameter(s) "
+                                 f"{missing[:5]}{' ...' if len(missing) > 5 else ''}; CO2 averages only what the "
+                                 f"inner optimizer steps, so build it over all of model.parameters()")
+            if len({id(p) for p in params}) != len(params):
+                raise ValueError("CO2: a parameter appears twice in the inner optimizer")
+            devices = {p.device for p in params}
+            if len(devices) != 1:
+                raise ValueError(f"CO2: all parameters must be on one device, got {sorted(map(str, devices))}")
+            if any(not p.is_floating_point() for p in params):
+                raise ValueError("CO2: all parameters must be floating point")
+            device = next(iter(devices))
+            sdt = torch.float64 if any(p.dtype == torch.float64 for p in params) else torch.float32
+            sdev = torch.device(state_device) if state_device is not None else device
+            numel = sum(p.numel() for p in params)
+            exchange = OuterExchange(numel, sdt, device, group=group, use_dist=use_dist, buffer_dtype=buffer_dtype,
+                                     compressor=compressor, feedback=feedback, link_delay=delay)
+            built = {"alpha": alpha, "beta": beta, "phi": phi, "penalty": pen, "device": device, "sdt": sdt,
+                     "sdev": sdev, "exchange": exchange, "params": params}
+            config = {"tau": tau, "outer_lr": alpha, "outer_momentum": beta, "nesterov": nesterov, "clip": phi,
+                      "penalty": pen.config(), "variant": variant, "overlap": overlap,
+                      "exchange": exchange.config(), "model": _signature(params),
+                      "optimizer": type(optimizer).__name__, "check_every": check_every,
+                      "world_size": dist.get_world_size(group) if use_dist else 1}
+            return built, config
+
+        # every rank learns of a bad setting on any rank (nobody is left waiting in a collective)
+        if use_dist:
+            built = build_consistently(build, group, what="CO2")
+        else:
+            if is_ddp:
+                raise RuntimeError("CO2: a DDP model needs torch.distributed to be initialised")
+            built, _ = build()
+        self.tau: int = tau
+        self.outer_lr: float = built["alpha"]
+        self.outer_momentum: float = built["beta"]
+        self.nesterov: bool = nesterov
+        self.clip: Optional[float] = built["phi"]
+        self.penalty: Penalty = built["penalty"]
+        self.variant: str = variant
+        self.overlap: bool = overlap
+        self.check_every: int = check_every
+        self.exchange: OuterExchange = built["exchange"]
+        self.world_size: int = self.exchange.n
+        self.rank: int = dist.get_rank(group) if use_dist else 0
+        self._params: list[Tensor] = built["params"]
+        self._device: torch.device = built["device"]
+        self._sdt: torch.dtype = built["sdt"]
+        self._sdev: torch.device = built["sdev"]
+        self._config = {"tau": tau, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                        "nesterov": nesterov, "clip": self.clip, "penalty": self.penalty.config(),
+                        "variant": variant, "overlap": overlap, "exchange": self.exchange.config()}
+        self._slices: list[tuple[int, int]] = []
+        off = 0
+        for p in self._params:
+            self._slices.append((off, p.numel()))
+            off += p.numel()
+
+        # θ: the model on rank 0 of the group becomes everyone's start point
+        with torch.no_grad():
+            theta = torch.cat([p.detach().reshape(-1).to(self._sdt) for p in self._params])
+            if use_dist and self.world_size > 1:
+                src = dist.get_global_rank(group, 0) if group is not None else 0
+                dist.broadcast(theta, src=src, group=group)
+            self._theta: Tensor = theta.to(self._sdev)
+            self._m: Tensor = torch.zeros_like(self._theta)
+            # s: the round's start point, kept only where it differs from θ (eager with overlap)
+            self._s: Optional[Tensor] = theta.clone() if (overlap and variant == "eager") else None
+            # per tensor: the staleness gap ‖θ − s̄‖ the next outer update will see (0-d values, no model copy)
+            self._gap: Tensor = torch.zeros(len(self._params), dtype=self._sdt, device=self._sdev)
+            for p, (o, k) in zip(self._params, self._slices):
+                p.copy_(theta[o:o + k].view_as(p))
+        self._round = 0       # completed rounds
+        self._pos = 0         # local steps taken in the current round
+        self._steps = 0
+        self._last_penalty: list[Union[float, Tensor]] = []
+
+        if is_ddp:
+            model.register_comm_hook(None, local_gradients_hook)
+
+    # -- the training step ------------------------------------------------------------------------------
+    def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
+        """One inner step; every τ-th step also ends the round (see the class docstring)."""
+        loss = self.optimizer.step(closure)
+        self._steps += 1
+        self._pos += 1
+        if self._pos == self.tau:
+            self._end_round()
+        return loss
+
+    @torch.no_grad()
+    def _apply(self, i: int, theta: Tensor, m: Tensor, delta: Tensor) -> Union[float, Tensor]:
+        """The outer update of parameter ``i`` from its averaged pseudo-gradient Δ̄ (``delta``).
+
+        Also records the staleness gap the *next* update of this tensor will see
+        (‖θ − s̄‖ with s̄ the mean start point of the round now beginning, see
+        :class:`commopt.outer.AdaptivePenalty`).
+        """
+        factor = self.penalty.factor(delta, self._gap[i])
+        g = delta if isinstance(factor, float) and factor == 1.0 else delta * factor
+        beta = self.outer_momentum
+        if beta == 0.0:
+            m.copy_(g)
+        else:
+            m.mul_(beta).add_(g)
+        if self.clip is not None:
+            m.clamp_(-self.clip, self.clip)
+        u = g.add(m, alpha=beta) if self.nesterov else m
+        theta.sub_(u, alpha=self.outer_lr)
+        if self.overlap:
+            # the next update applies the Δ̄ now in flight, computed from this round's start points
+            if self._s is not None:   # eager: their mean is θ_old − Δ̄ (Δ̄: the one just applied) -> ‖Δ̄ − α·u‖
+                self._gap[i] = torch.linalg.vector_norm(delta - self.outer_lr * u)
+            else:                     # delayed: they were θ_old -> the outer step ‖α·u‖
+                self._gap[i] = torch.linalg.vector_norm(u) * self.outer_lr
+        return factor
+
+    def _delta(self, total: Tensor, divisor: int, o: int, k: int) -> Tensor:
+        return total[o:o + k].to(device=self._sdev, dtype=self._sdt) / divisor
+
+    @torch.no_grad()
+    def _end_round(self) -> None:
+        ex = self.exchange
+        buf = ex.buffer
+        factors: list[Union[float, Tensor]] = []
+        if not self.overlap:
+            # blocking local SGD: d_i = θ − x_i, averaged at once, applied in the same round
+            for p, (o, k) in zip(self._params, self._slices):
+                buf[o:o + k].copy_(self._theta[o:o + k].to(self._device) - p.detach().reshape(-1))
+            ex.launch(self._round)
+            total, div = ex.wait()
+            for i, (p, (o, k)) in enumerate(zip(self._params, self._slices)):
+                th = self._theta[o:o + k]
+                factors.append(self._apply(i, th, self._m[o:o + k], self._delta(total, div, o, k)))
+                p.copy_(th.view_as(p))
+        else:
+            have_update = ex.pending
+            if have_update:
+                total, div = ex.wait()   # the all-reduce launched one round ago
+            else:
+                self._gap.zero_()        # nothing stale yet: every rank starts this round at θ (mean)
+            for i, (p, (o, k)) in enumerate(zip(self._params, self._slices)):
+                x = p.detach().reshape(-1)
+                th = self._theta[o:o + k]
+                if self._s is not None:          # eager: d_i = s_i − x_i, formed in s_i
+                    d = self._s[o:o + k]
+                    d.sub_(x)
+                else:                            # delayed: s_i = θ (before this round's update)
+                    d = th.to(self._device) - x
+                if have_update:
+                    factors.append(self._apply(i, th, self._m[o:o + k], self._delta(total, div, o, k)))
+                buf[o:o + k].copy_(d)            # after Δ̄ of this slice was read out of the buffer
+                if self._s is not None:          # s_i = θ − d_i; x_i ← s_i
+                    d.neg_().add_(th.to(self._device))
+                    p.copy_(d.view_as(p))
+                else:                            # s_i = θ; x_i ← θ
+                    p.copy_(th.view_as(p))
+            ex.launch(self._round)
+        if factors:
+            self._last_penalty = factors
+        self._round += 1
+        self._pos = 0
+        if self.check_every and self._round % self.check_every == 0:
+            self.verify_replicated_state()
+
+    @torch.no_grad()
+    def finish(self) -> None:
+        """Bring every rank to the same model: apply the all-reduce in flight, then average this round's
+        local progress synchronously (θ ← θ − mean_i(s_i − x_i), no momentum) and set x_i ← θ.
+
+        Call it on every rank, e.g. before evaluation or at the end of training;
+        training may continue afterwards (the next round starts with nothing in flight).
+        """
+        ex = self.exchange
+        buf = ex.buffer
+        pending = ex.pending
+        if pending:
+            total, div = ex.wait()
+        for i, (p, (o, k)) in enumerate(zip(self._params, self._slices)):
+            x = p.detach().reshape(-1)
+            th = self._theta[o:o + k]
+            d = (self._s[o:o + k] if self._s is not None else th.to(self._device)) - x
+            if pending:
+                self._apply(i, th, self._m[o:o + k], self._delta(total, div, o, k))
+            buf[o:o + k].copy_(d)
+        total, div = ex.average_now()
+        for p, (o, k) in zip(self._params, self._slices):
+            th = self._theta[o:o + k]
+            th.sub_(self._delta(total, div, o, k))
+            p.copy_(th.view_as(p))
+            if self._s is not None:
+                self._s[o:o + k].copy_(th)
+        self._gap.zero_()
+        self._pos = 0
+
+    # -- introspection ------------------------------------------------------------------------------------
+    @property
+    def wait_seconds(self) -> float:
+        """Seconds this rank's host spent blocked waiting for the outer all-reduce (injected link delay included).
+
+        On gloo/CPU that is the communication wait. With NCCL, ``wait()`` only makes the
+        compute stream depend on the collective, so GPU-side stalls are not counted here.
+        """
+        return float(self.exchange.stats["wait_seconds"])
+
+    @property
+    def round(self) -> int:
+        """Rounds ended since the start."""
+        return self._round
+
+    @property
+    def position(self) -> int:
+        """Local steps taken in the current round (0 ≤ position < τ)."""
+        return self._pos
+
+    def anchor(self) -> list[Tensor]:
+        """θ, shaped like the parameters (views into the flat state)."""
+        return [self._theta[o:o + k].view_as(p) for p, (o, k) in zip(self._params, self._slices)]
+
+    def momentum(self) -> list[Tensor]:
+        """The outer momentum m, shaped like the parameters (views)."""
+        return [self._m[o:o + k].view_as(p) for p, (o, k) in zip(self._params, self._slices)]
+
+    def last_penalty(self) -> list[float]:
+        """P_t of the last outer update, per parameter (synchronises the device)."""
+        return [float(f) for f in self._last_penalty]
+
+    def memory_bytes(self) -> dict:
+        """Extra persistent bytes CO2 holds on this rank, by buffer."""
+        isz = torch.empty((), dtype=self._sdt).element_size()
+        out = {"anchor": self._theta.numel() * isz, "momentum": self._m.numel() * isz,
+               "start": self._s.numel() * isz if self._s is not None else 0, **self.exchange.memory_bytes()}
+        out["total"] = sum(out.values())
+        return out
+
+    def comm_stats(self) -> dict:
+        """Counters: ``rounds``, ``steps``, ``launches``, ``waits``, ``wait_seconds``, ``max_in_flight`` (never
+        above 1), ``in_flight``, ``bytes_sent``/``bytes_dense`` (SPEC §3 formulas), ``collectives``."""
+        st = self.exchange.stats
+        return {"steps": self._steps, "rounds": self._round, "position": self._pos,
+                "launches": st["launches"], "waits": st["waits"], "wait_seconds": st["wait_seconds"],
+                "in_flight": self.exchange.in_flight, "max_in_flight": st["max_in_flight"],
+                "bytes_sent": int(round(st["bytes_sent"])), "bytes_dense": int(round(st["bytes_dense"])),
+                "collectives": dict(st["collectives"]), "world_size": self.world_size}
+
+    def verify_replicated_state(self) -> None:
+        """Raise ``RuntimeError`` unless θ, m (and replicated feedback state) are bitwise identical on all ranks."""
+        local = _checksum([self._theta, self._m, *self.exchange.replicated_slots()])
+        if not self.use_dist or self.world_size == 1:
+            return
+        sums = [torch.zeros_like(local) for _ in range(self.world_size)]
+        if dist.get_backend(self.process_group) == "nccl":
+            dev_sums = [s.to(self._device) for s in sums]
+            dist.all_gather(dev_sums, local.to(self._device), group=self.process_group)
+            sums = [s.cpu() for s in dev_sums]
+        else:
+            dist.all_gather(sums, local, group=self.process_group)
+        values = [int(s) for s in sums]
+        if any(v != values[0] for v in values):
+            raise RuntimeError(f"CO2: anchor/momentum differ across ranks (checksums {values})")
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """The inner optimizer's state plus **this rank's** CO2 state (save one file per rank).
+
+        Holds θ, m, s_i, the round position and the outer exchange; an all-reduce in
+        flight is waited for now (the wait counts in :attr:`wait_seconds`) and its
+        result stored, so the checkpoint resumes identically.
+        """
+        return {"optimizer": self.optimizer.state_dict(),
+                "co2": {"version": STATE_VERSION, "config": self._config, "world_size": self.world_size,
+                        "rank": self.rank, "round": self._round, "position": self._pos, "steps": self._steps,
+                        "anchor": self._theta.detach().cpu().clone(), "momentum": self._m.detach().cpu().clone(),
+                        "start": self._s.detach().cpu().clone() if self._s is not None else None,
+                        "gap": self._gap.detach().cpu().clone(),
+                        "exchange": self.exchange.state_dict()}}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore from :meth:`state_dict` of the same rank, world size and configuration.
+
+        Load the model's own (per-rank) ``state_dict`` too. A saved in-flight
+        all-reduce is treated as completed: the next round end applies it without
+        communicating.
+        """
+        if not isinstance(state_dict, dict) or "co2" not in state_dict or "optimizer" not in state_dict:
+            raise ValueError("not a CO2 state_dict (expected keys 'optimizer' and 'co2'); "
+                             "to load a plain optimizer checkpoint use opt.optimizer.load_state_dict()")
+        sd = state_dict["co2"]
+        if sd.get("version") != STATE_VERSION:
+            raise ValueError(f"unsupported CO2 checkpoint version {sd.get('version')!r}")
+        if sd["world_size"] != self.world_size:
+            raise ValueError(f"CO2 checkpoint was saved with world size {sd['world_size']}, this run has "
+                             f"{self.world_size}: the per-rank state (s_i, in-flight result) cannot be mapped")
+        if sd["rank"] != self.rank:
+            raise ValueError(f"CO2 checkpoint holds rank {sd['rank']}'s state, this is rank {self.rank}: "
+                             "load each rank's own file")
+        if sd["config"] != self._config:
+            keys = set(sd["config"]) | set(self._config)
+            diff = sorted(k for k in keys if sd["config"].get(k) != self._config.get(k))
+            raise ValueError(f"CO2 checkpoint was made with another configuration (differs in {diff})")
+        if sd["anchor"].numel() != self._theta.numel():
+            raise ValueError("CO2 checkpoint is for a model of another size")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        with torch.no_grad():
+            self._theta.copy_(sd["anchor"])
+            self._m.copy_(sd["momentum"])
+            if self._s is not None:
+                self._s.copy_(sd["start"])
+            self._gap.copy_(sd["gap"])
+        self._round = int(sd["round"])
+        self._pos = int(sd["position"])
+        self._steps = int(sd["steps"])
+        self.exchange.load_state_dict(sd["exchange"])

@@ -1,0 +1,382 @@
+"""CO2 (SPEC §6) in one process, plus a checkpoint test that resumes in fresh spawned processes.
+
+Without ``torch.distributed`` CO2 runs over one rank (the outer exchange is the
+identity), which is enough for construction errors, penalties, clipping, the
+link-delay model and the wait counter, memory accounting and checkpoints. The
+multi-rank exact checks live in tests/mpi/test_co2_mpi.py; the fresh-process
+resumption runs 2 gloo ranks spawned with ``torch.multiprocessing``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from commopt.optim.co2 import CO2, local_gradients_hook
+from commopt.outer import AdaptivePenalty, ConstantPenalty, NoPenalty, OuterExchange, make_penalty
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def net(seed: int = 0, dtype=torch.float64) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1)).to(dtype)
+
+
+def batch(rank: int, step: int, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * rank + step)
+    x = torch.randn(16, 5, generator=g, dtype=dtype)
+    return x, x.sum(dim=1, keepdim=True).sin() * (1 + rank)
+
+
+def run(model, opt, steps: int, rank: int = 0, start: int = 0, each=None, dtype=torch.float64):
+    for step in range(start, start + steps):
+        x, y = batch(rank, step, dtype)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        if each is not None:
+            each(opt)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def eval_loss(model) -> float:
+    with torch.no_grad():
+        return sum(float(torch.nn.functional.mse_loss(model(x), y)) for x, y in map(lambda s: batch(0, s),
+                                                                                       range(500, 510))) / 10
+
+
+def sgd(model, lr=0.05, momentum=0.0):
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
+# -- construction --------------------------------------------------------------------------------------
+BAD = [
+    (dict(tau=0), "tau"), (dict(tau=-1), "tau"), (dict(tau=1.5), "tau"), (dict(tau=True), "tau"),
+    (dict(outer_momentum=-0.1), "outer_momentum"), (dict(outer_momentum=1.0), "outer_momentum"),
+    (dict(outer_momentum=float("nan")), "outer_momentum"),
+    (dict(outer_lr=0.0), "outer_lr"), (dict(outer_lr=-1.0), "outer_lr"), (dict(outer_lr=float("inf")), "outer_lr"),
+    (dict(clip=0.0), "clip"), (dict(clip=-1.0), "clip"), (dict(clip="big"), "clip"),
+    (dict(variant="lazy"), "variant"), (dict(overlap=1), "overlap"),
+    (dict(penalty=0.0), "lambda"), (dict(penalty=-2.0), "lambda"), (dict(penalty="bogus"), "unknown penalty"),
+    (dict(penalty="adaptive:-1"), "strength"), (dict(link_delay=-0.5), "link_delay"),
+    (dict(check_every=-1), "check_every"), (dict(buffer_dtype=torch.int32), "buffer_dtype"),
+    (dict(compressor="scaled_randk:0.1", feedback="ef21"), "not contractive"),
+    (dict(compressor="topk:2.0"), "ratio"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kwargs,match", BAD,
+                         ids=[f"{k}={v!r}" for (d, _) in BAD for k, v in d.items() if k != "feedback"])
+def test_construction_rejects_bad_settings(kwargs, match):
+    model = net()
+    with pytest.raises(ValueError, match=match):
+        CO2(model, sgd(model), **kwargs)
+
+
+@pytest.mark.timeout(30)
+def test_construction_rejects_an_inner_optimizer_that_does_not_own_the_model():
+    model, other = net(), net(1)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        CO2(model, sgd(other))
+    with pytest.raises(ValueError, match="does not own the model's trainable parameter"):
+        CO2(model, torch.optim.SGD(list(model.parameters())[:2], lr=0.1))
+    with pytest.raises(TypeError, match="torch.optim.Optimizer"):
+        CO2(model, object())
+    with pytest.raises(TypeError, match="nn.Module"):
+        CO2([p for p in model.parameters()], sgd(model))
+    # frozen parameters may stay outside the inner optimizer
+    model[0].weight.requires_grad_(False)
+    CO2(model, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+
+
+@pytest.mark.timeout(30)
+def test_defaults():
+    model = net()
+    opt = CO2(model, sgd(model))
+    assert (opt.tau, opt.outer_lr, opt.outer_momentum, opt.clip, opt.variant, opt.overlap, opt.nesterov) == \
+        (12, 1.0, 0.5, 1.0, "eager", True, False)
+    assert isinstance(opt.penalty, AdaptivePenalty)
+    assert CO2(model, sgd(model), variant="delayed").outer_momentum == 0.0
+    assert CO2(model, sgd(model), variant="delayed", outer_momentum=0.3).outer_momentum == 0.3
+
+
+# -- penalties ------------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_penalty_factors():
+    delta = torch.tensor([3.0, 4.0], dtype=torch.float64)      # ‖Δ̄‖ = 5
+    zero = torch.zeros((), dtype=torch.float64)
+    assert NoPenalty().factor(delta, zero) == 1.0
+    assert ConstantPenalty(4.0).factor(delta, zero) == 0.25
+    assert float(AdaptivePenalty().factor(delta, zero)) == 1.0   # nothing stale: exactly no penalty
+    assert float(AdaptivePenalty().factor(delta, torch.tensor(5.0, dtype=torch.float64))) == 0.5
+    assert float(AdaptivePenalty(2.0).factor(delta, torch.tensor(2.5, dtype=torch.float64))) == 0.5
+    assert float(AdaptivePenalty().factor(torch.zeros(2), torch.tensor(1.0))) == pytest.approx(0.0, abs=1e-30)
+    assert isinstance(make_penalty(None), NoPenalty) and isinstance(make_penalty("none"), NoPenalty)
+    assert make_penalty(2).lam == 2.0 and make_penalty("constant:3").lam == 3.0
+    assert make_penalty("adaptive").strength == 1.0 and make_penalty("adaptive:0.5").strength == 0.5
+    for bad in ("adaptive:x", "constant:0", "none:1"):
+        with pytest.raises(ValueError):
+            make_penalty(bad)
+    for bad in (True, [2.0]):
+        with pytest.raises(TypeError):
+            make_penalty(bad)
+
+
+# -- the update rule -------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_blocking_tau1_is_sgd_and_blocking_rounds_apply_the_mean_progress():
+    a, b = net(), net()
+    got = run(a, CO2(a, sgd(a, 0.1), tau=1, outer_momentum=0.0, clip=None, overlap=False), 6)
+    ref = run(b, sgd(b, 0.1), 6)
+    for x, y in zip(got, ref):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.timeout(30)
+def test_outer_momentum_is_clipped_elementwise():
+    model, phi = net(), 0.01
+    opt = CO2(model, sgd(model, 0.2), tau=2, outer_momentum=0.9, clip=phi, penalty=None)
+    peaks = []
+    run(model, opt, 30, each=lambda o: peaks.append(max(float(m.abs().max()) for m in o.momentum())))
+    assert max(peaks) <= phi and max(peaks) == pytest.approx(phi)
+    free = net()
+    opt = CO2(free, sgd(free, 0.2), tau=2, outer_momentum=0.9, clip=None, penalty=None)
+    run(free, opt, 30)
+    assert max(float(m.abs().max()) for m in opt.momentum()) > phi   # so the clamp above was doing work
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("variant", ["eager", "delayed"])
+def test_iterates_do_not_depend_on_the_link_delay(variant):
+    runs = []
+    for delay in (0.0, 0.02):
+        model = net()
+        runs.append(run(model, CO2(model, sgd(model), tau=2, variant=variant, link_delay=delay), 9))
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.timeout(30)
+def test_one_exchange_in_flight_at_most():
+    model = net()
+    opt = CO2(model, sgd(model), tau=2)
+    seen = []
+    run(model, opt, 11, each=lambda o: seen.append(o.exchange.in_flight))
+    assert max(seen) == 1 and opt.comm_stats()["max_in_flight"] == 1
+    assert opt.comm_stats()["launches"] == 5 and opt.comm_stats()["waits"] == 4
+    ex = OuterExchange(4, torch.float32, torch.device("cpu"), use_dist=False)
+    ex.launch(0)
+    with pytest.raises(RuntimeError, match="already in flight"):
+        ex.launch(1)
+    ex.wait()
+    with pytest.raises(RuntimeError, match="nothing in flight"):
+        ex.wait()
+
+
+# -- overlap: the wait counter -------------------------------------------------------------------------------
+def waited(compute: float, steps: int, **kw) -> float:
+    model = net()
+    opt = CO2(model, sgd(model), **kw)
+    run(model, opt, steps, each=lambda o: time.sleep(compute))   # emulated compute c per step
+    return opt.wait_seconds
+
+
+@pytest.mark.timeout(60)
+def test_overlap_hides_the_link_delay_while_tau_c_covers_it():
+    """D = 40 ms, c = 12 ms: CO2 with τ = 4 (τc ≥ D) waits ~nothing; blocking local SGD pays D per round,
+    τ = 1 blocking (= DDP + SGD) pays D per step; with τ = 2 (τc < D) CO2 pays max(0, D − τc) per round."""
+    delay, c, steps = 0.04, 0.012, 12
+    co2 = waited(c, steps, tau=4, link_delay=delay)
+    assert co2 <= 0.1 * steps * c                               # time per step within 1.1x of the no-delay one
+    blocking = waited(c, steps, tau=4, overlap=False, link_delay=delay)
+    assert blocking >= 0.9 * (steps // 4) * delay
+    ddp_like = waited(c, steps, tau=1, overlap=False, outer_momentum=0.0, link_delay=delay)
+    assert ddp_like >= 0.9 * steps * delay
+    short = waited(c, steps, tau=2, link_delay=delay)           # 5 waits of at most D − 2c = 16 ms each
+    assert 0.25 * 5 * (delay - 2 * c) <= short <= 5 * (delay - 2 * c) + 0.02
+
+
+# -- memory ------------------------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_memory_copies():
+    model = net(dtype=torch.float32)
+    size = sum(p.numel() for p in model.parameters()) * 4
+    eager = CO2(model, sgd(model)).memory_bytes()
+    assert eager["total"] == 4 * size and eager["start"] == size
+    assert CO2(model, sgd(model), variant="delayed").memory_bytes()["total"] == 3 * size
+    assert CO2(model, sgd(model), overlap=False).memory_bytes()["total"] == 3 * size
+    half = CO2(model, sgd(model), buffer_dtype=torch.bfloat16)
+    assert half.memory_bytes()["send_buffer"] == size // 2 and half.exchange.buffer.dtype == torch.bfloat16
+    cpu = CO2(model, sgd(model), state_device="cpu")
+    assert all(t.device.type == "cpu" for t in cpu.anchor() + cpu.momentum())
+    comp = CO2(model, sgd(model), compressor="topk:0.1", feedback="econtrol").memory_bytes()
+    assert comp["feedback_state"] == 3 * size
+    assert CO2(model, sgd(model), compressor="topk:0.1").memory_bytes()["feedback_state"] == size   # EF14: e_i
+
+
+@pytest.mark.timeout(30)
+def test_bf16_send_buffer_and_compression_still_train():
+    for kw in (dict(buffer_dtype=torch.bfloat16), dict(compressor="topk:0.2"),
+               dict(compressor="topk:0.2", feedback="econtrol"),
+               dict(compressor="topk:0.3", buffer_dtype=torch.bfloat16), dict(compressor="randk:0.5", feedback=None)):
+        model = net()
+        before = eval_loss(model)
+        opt = CO2(model, sgd(model, 0.1), tau=3, **kw)
+        run(model, opt, 90)
+        opt.finish()
+        assert eval_loss(model) < 0.7 * before, kw
+
+
+# -- drop-in behaviour --------------------------------------------------------------------------------------------
+@pytest.mark.timeout(30)
+def test_lr_scheduler_acts_on_the_inner_optimizer():
+    model = net()
+    inner = sgd(model, 0.1)
+    opt = CO2(model, inner, tau=2)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    run(model, opt, 1)
+    sched.step()
+    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@pytest.mark.timeout(30)
+def test_finish_brings_the_model_to_the_anchor_and_training_continues():
+    model = net()
+    opt = CO2(model, sgd(model), tau=3)
+    run(model, opt, 7)
+    assert opt.exchange.pending and opt.position == 1
+    opt.finish()
+    assert not opt.exchange.pending and opt.position == 0
+    assert all(torch.equal(p.detach(), a) for p, a in zip(model.parameters(), opt.anchor()))
+    run(model, opt, 7, start=7)
+    assert opt.comm_stats()["max_in_flight"] == 1
+
+
+@pytest.mark.timeout(30)
+def test_local_gradients_hook_returns_the_local_bucket_unchanged():
+    class Bucket:
+        def __init__(self, t):
+            self.t = t
+
+        def buffer(self):
+            return self.t
+
+    t = torch.arange(4.0)
+    fut = local_gradients_hook(None, Bucket(t))
+    assert fut.wait() is t and torch.equal(t, torch.arange(4.0))
+
+
+# -- checkpoints ---------------------------------------------------------------------------------------------------
+CKPT_CASES = {
+    "eager-dense": dict(tau=3),
+    "delayed-topk-econtrol-nesterov": dict(tau=3, variant="delayed", nesterov=True, outer_momentum=0.3,
+                                           compressor="topk:0.3", feedback="econtrol", penalty=2.0),
+    "eager-bf16-buffer": dict(tau=3, buffer_dtype=torch.bfloat16, outer_momentum=0.7),
+}
+SAVE_AT = (2, 4, 6)    # mid-round 0 (nothing in flight), mid-round 1 (in flight), at a round end (in flight)
+TOTAL = 11
+
+
+def build(kw: dict, seed: int = 0):
+    model = net(seed, torch.float32)
+    return model, CO2(model, sgd(model, 0.05, 0.9), **kw)
+
+
+@pytest.mark.timeout(30)
+def test_checkpoint_mid_round_and_mid_flight_single_process(tmp_path):
+    for name, kw in CKPT_CASES.items():
+        model, opt = build(kw)
+        ref = run(model, opt, TOTAL, dtype=torch.float32)
+        for k in SAVE_AT:
+            model, opt = build(kw)
+            run(model, opt, k, dtype=torch.float32)
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
+            fresh, fresh_opt = build(kw, seed=5)
+            ck = torch.load(tmp_path / "ck.pt")
+            fresh.load_state_dict(ck["model"])
+            fresh_opt.load_state_dict(ck["opt"])
+            got = run(fresh, fresh_opt, TOTAL - k, start=k, dtype=torch.float32)
+            assert all(torch.equal(a, b) for a, b in zip(got, ref)), (name, k)
+
+
+@pytest.mark.timeout(30)
+def test_load_state_dict_refuses_mismatches():
+    model, opt = build(dict(tau=3))
+    run(model, opt, 4, dtype=torch.float32)
+    sd = opt.state_dict()
+    _, other = build(dict(tau=4))
+    with pytest.raises(ValueError, match="tau"):
+        other.load_state_dict(sd)
+    with pytest.raises(ValueError, match="not a CO2 state_dict"):
+        other.load_state_dict(opt.optimizer.state_dict())
+    _, comp = build(dict(tau=3, compressor="topk:0.5"))
+    with pytest.raises(ValueError, match="exchange"):
+        comp.load_state_dict(sd)
+
+
+def _ckpt_worker(rank: int, world: int, store: str, out: str, phase: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        for name, kw in CKPT_CASES.items():
+            if phase == "save":
+                model, opt = build(kw)
+                ref = run(model, opt, TOTAL, rank=rank, dtype=torch.float32)
+                torch.save(ref, os.path.join(out, f"{name}-ref-{rank}.pt"))
+                model, opt = build(kw)
+                for step in range(max(SAVE_AT)):
+                    run(model, opt, 1, rank=rank, start=step, dtype=torch.float32)
+                    if step + 1 in SAVE_AT:
+                        meta = (opt.round, opt.position, opt.exchange.in_flight)
+                        torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "meta": meta},
+                                   os.path.join(out, f"{name}-{step + 1}-{rank}.pt"))
+            else:
+                ref = torch.load(os.path.join(out, f"{name}-ref-{rank}.pt"))
+                for k in SAVE_AT:
+                    ck = torch.load(os.path.join(out, f"{name}-{k}-{rank}.pt"))
+                    model, opt = build(kw, seed=7)             # a different start: everything must come from the files
+                    model.load_state_dict(ck["model"])
+                    opt.load_state_dict(ck["opt"])
+                    got = run(model, opt, TOTAL - k, rank=rank, start=k, dtype=torch.float32)
+                    same = all(torch.equal(a, b) for a, b in zip(got, ref))
+                    torch.save({"same": same, "meta": ck["meta"]}, os.path.join(out, f"{name}-{k}-{rank}.result"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+def test_checkpoint_mid_round_and_mid_flight_resumes_in_fresh_processes(tmp_path):
+    """2 gloo ranks train and save per-rank checkpoints; two *new* processes load them and continue:
+    the iterates equal an uninterrupted run's, bitwise."""
+    world = 2
+    for phase in ("save", "resume"):
+        store = tmp_path / f"store-{phase}"
+        mp.start_processes(_ckpt_worker, args=(world, str(store), str(tmp_path), phase), nprocs=world,
+                           start_method="spawn")
+    for name in CKPT_CASES:
+        for k in SAVE_AT:
+            for rank in range(world):
+                res = torch.load(tmp_path / f"{name}-{k}-{rank}.result")
+                rounds, position, in_flight = res["meta"]
+                assert (position, in_flight) == {2: (2, 0), 4: (1, 1), 6: (0, 1)}[k], (name, k)
+                assert res["same"], (name, k, rank)
+
+
+@pytest.mark.timeout(30)
+def test_non_finite_inputs_are_rejected_early():
+    model = net()
+    with pytest.raises(ValueError, match="finite"):
+        CO2(model, sgd(model), outer_lr=math.nan)
