@@ -9,6 +9,7 @@ resumption runs 2 gloo ranks spawned with ``torch.multiprocessing``.
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import time
@@ -395,6 +396,8 @@ def _ckpt_worker(rank: int, world: int, store: str, out: str, phase: str) -> Non
         for opt in opened:  # destroying a gloo group with work in flight aborts the process
             if opt.exchange.pending:
                 opt.exchange.wait()
+        opened.clear()
+        gc.collect()    # no optimizer (or work handle) outlives the group it refers to
         dist.barrier()  # no rank tears down its end of the connections while a peer still uses them
         dist.destroy_process_group()
 
