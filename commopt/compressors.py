@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Compressor", "TopK", "RandK", "ScaledRandK", "Identity", "make_compressor"]
+__all__ = ["Compressor", "TopK", "RandK", "ScaledRandK", "Identity", "make_compressor", "topk_indices",
+           "random_subset"]
 
 
 class Compressor:
@@ -121,7 +122,7 @@ class TopK(Compressor):
     def select(self, x: Tensor, k: int, step: int, key: int) -> Tensor:
         if k >= x.numel():
             return torch.arange(x.numel(), device=x.device)
-        return torch.topk(x.abs(), k, sorted=False).indices
+        return topk_indices(x.abs(), k)
 
 
 def _seed(seed: int, step: int, key: int) -> int:
@@ -155,7 +156,7 @@ class RandK(Compressor):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(_seed(self.seed, step, key))
         # drawn on the CPU so the choice is identical on every device type
-        return torch.randperm(d, generator=gen)[:k].to(x.device)
+        return random_subset(d, k, gen).to(x.device)
 
     def config(self) -> dict:
         return {**super().config(), "seed": self.seed}
@@ -177,6 +178,51 @@ class ScaledRandK(RandK):
     def values(self, x: Tensor, idx: Tensor) -> Tensor:
         d, k = x.numel(), idx.numel()
         return x.index_select(0, idx) * (d / k)
+
+
+#: below this size a full ``torch.topk`` is as fast as the sampled pre-selection
+_PRESELECT_MIN = 1 << 16
+
+
+def topk_indices(mag: Tensor, k: int) -> Tensor:
+    """Indices of the k largest entries of ``mag`` (non-negative magnitudes), exact.
+
+    On CUDA this is ``torch.topk`` (a radix select). On the CPU, where ``torch.topk``
+    with a large k is slow, a threshold t is estimated from a fixed strided sample so
+    that about 2k entries reach it; if at least k do, the k largest of those
+    candidates are exactly the k largest overall (the k-th largest value is then
+    >= t), else it falls back to ``torch.topk`` on the whole vector. The same set of
+    indices either way (up to the order of ties).
+    """
+    d = mag.numel()
+    if mag.device.type != "cpu" or d < _PRESELECT_MIN or 4 * k > d:
+        return torch.topk(mag, k, sorted=False).indices
+    m = min(d, max(4096, 64 * int(math.ceil(d / k))), 1 << 16)
+    stride = d // m
+    sample = mag[: stride * m : stride]
+    q = max(1, int(sample.numel() * 2 * k / d))  # the sample quantile that about 2k of d entries reach
+    t = torch.topk(sample, q, sorted=False).values.min()
+    cand = torch.nonzero(mag >= t).reshape(-1)
+    if cand.numel() < k:
+        return torch.topk(mag, k, sorted=False).indices
+    return cand.index_select(0, torch.topk(mag.index_select(0, cand), k, sorted=False).indices)
+
+
+def random_subset(d: int, k: int, gen: torch.Generator) -> Tensor:
+    """k distinct indices of range(d), uniform over k-subsets, from ``gen`` (CPU, int64).
+
+    For k << d: the distinct values of about 1.25k uniform draws form a uniform
+    random subset given its size, and a uniform k-subset of it is a uniform
+    k-subset of range(d). Falls back to a permutation when too few distinct values
+    came up (the same decision on every rank: it depends only on the generator).
+    """
+    if 4 * k > d:
+        return torch.randperm(d, generator=gen)[:k]
+    draws = torch.randint(0, d, (k + k // 4 + 16,), generator=gen)
+    distinct = torch.unique(draws)
+    if distinct.numel() < k:
+        return torch.randperm(d, generator=gen)[:k]
+    return distinct.index_select(0, torch.randperm(distinct.numel(), generator=gen)[:k])
 
 
 _REGISTRY: dict[str, Callable[..., Compressor]] = {

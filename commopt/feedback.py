@@ -5,7 +5,8 @@ Every rule works in gradient units on one flat bucket and has two phases:
 1. ``prepare(state, g)`` -> (p, pending): the vector p to compress, and any
    local quantity computed on the way (EF21-SGDM's momentum v);
 2. ``update(state, g, p, pending, idx, vals, mean)`` -> the new state, from the
-   rank's **own** message (idx, vals) and the average of all messages ``mean``;
+   rank's **own** message (idx, vals) and the average of all messages ``mean``
+   (it may reuse the intermediates p and pending, which are not used afterwards);
    ``estimate(new_state, mean)`` is what the optimizer then uses as the
    averaged gradient.
 
@@ -31,6 +32,11 @@ State = dict[str, Tensor]
 def _minus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
     """x − m for a sparse message m = (idx, vals) with distinct indices (x is not modified)."""
     return x.index_add(0, idx, vals.to(x.dtype), alpha=-1)
+
+
+def _consume_minus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
+    """x − m computed in x (for an intermediate the rule owns, never for state)."""
+    return x.index_add_(0, idx, vals.to(x.dtype), alpha=-1)
 
 
 def _plus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
@@ -109,7 +115,7 @@ class EF14(Feedback):
         return state["e"] + g, {}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
-        return {"e": _minus_message(p, idx, vals)}
+        return {"e": _consume_minus_message(p, idx, vals)}
 
 
 class EF21(Feedback):
@@ -207,7 +213,7 @@ class EControl(Feedback):
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
         return {
-            "e": _minus_message(pending["q"], idx, vals),
+            "e": _consume_minus_message(pending["q"], idx, vals),
             "h_i": _plus_message(state["h_i"], idx, vals),
             "h": state["h"] + mean,
         }

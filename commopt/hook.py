@@ -48,6 +48,11 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _finite(x: Tensor) -> Tensor:
+    """0-d bool: x holds no inf/NaN (one cheap reduction, no sync; a sum that overflows counts as non-finite)."""
+    return torch.isfinite(x.sum())
+
+
 def _stable_key(param_ids: Iterable[int]) -> int:
     """A bucket key that depends only on which parameters the bucket holds."""
     text = ",".join(str(i) for i in sorted(param_ids))
@@ -280,7 +285,7 @@ class CompressionState:
             mean = total.to(sdt) / n
             if scale is not None:
                 mean.div_(scale.to(sdt))
-            ok = torch.isfinite(mean).all()
+            ok = _finite(mean)
             if names:
                 self._pending.append((blk, ok, self.feedback.init(g, mean)))
             return total.div_(n)
@@ -298,7 +303,7 @@ class CompressionState:
         idx = self._select(blk, p)
         vals = self.compressor.values(p, idx).to(g_in.dtype)
         # a non-finite local gradient poisons the message, so every rank sees it and skips
-        vals = torch.where(torch.isfinite(g).all(), vals, torch.full_like(vals, float("nan")))
+        vals = torch.where(_finite(g), vals, torch.full_like(vals, float("nan")))
         if blk.exchange == "gather":
             fut = self.exchange.gather(idx, vals, blk.d, sdt)
         elif blk.exchange == "shared":
@@ -312,11 +317,13 @@ class CompressionState:
         fb = self.feedback
 
         def finish(f: Future) -> Tensor:
-            mean = f.value().to(sdt) / n
-            ok = torch.isfinite(mean).all()
+            mean = f.value().to(sdt).div_(n)  # the exchange's own result tensor
+            ok = _finite(mean)
             new = fb.update(blk.slots, g, p, pending, idx, vals, mean)
             if new:
                 self._pending.append((blk, ok, new))
+            if scale is None and g_in.dtype == sdt:
+                return torch.where(ok, fb.estimate(new, mean), mean, out=g_in)
             est = torch.where(ok, fb.estimate(new, mean), mean)
             if scale is not None:
                 est = est * scale.to(sdt)
@@ -342,10 +349,16 @@ class CompressionState:
         if self._skipped.device != ok.device:
             self._skipped = self._skipped.to(ok.device)
         self._skipped += ~ok
-        for blk, _, new in pending:
+        if ok.device.type == "cpu":
+            # on the CPU reading the flag costs nothing: adopt the new tensors, no copies
+            if bool(ok):
+                for blk, _, new in pending:
+                    blk.slots.update(new)
+            return
+        for blk, _, new in pending:  # accelerators: select on the device, never synchronise
             for name, value in new.items():
                 old = blk.slots[name]
-                old.copy_(torch.where(ok.to(old.device), value, old))
+                torch.where(ok, value, old, out=old)
 
     def skipped_rounds(self) -> int:
         """Steps whose average was non-finite somewhere (state left untouched). Synchronises: not in the hook."""

@@ -366,3 +366,39 @@ def test_byte_helpers(n):
     # crossover: equal bytes exactly at k = d/n
     d = 40 * n
     assert allgather_bytes(d // n, 8, n) == pytest.approx(ring_allreduce_bytes(d, 4, n))
+
+
+# -- the CPU fast paths: exact TopK by sampled pre-selection, RandK by distinct draws ----------------------
+
+@pytest.mark.parametrize("d,k", [(100_000, 1_000), (300_000, 300), (200_000, 49_000), (70_000, 1), (1_000, 10)])
+@pytest.mark.parametrize("kind", ["gauss", "heavy", "ties", "zeros", "one_spike"])
+def test_topk_indices_selects_exactly_what_torch_topk_selects(d, k, kind):
+    from commopt.compressors import topk_indices
+    gen = torch.Generator().manual_seed(d + k)
+    x = {"gauss": lambda: torch.randn(d, generator=gen),
+         "heavy": lambda: torch.randn(d, generator=gen) / torch.rand(d, generator=gen).pow(2),
+         "ties": lambda: torch.randint(0, 5, (d,), generator=gen).float(),
+         "zeros": lambda: torch.zeros(d),
+         "one_spike": lambda: torch.zeros(d).index_fill_(0, torch.tensor([d // 3]), 7.0)}[kind]().abs()
+    got = topk_indices(x, k)
+    want = torch.topk(x, k, sorted=False).indices
+    assert got.numel() == k and torch.unique(got).numel() == k
+    # the same multiset of selected magnitudes (the index set itself may differ only among ties)
+    assert torch.equal(torch.sort(x[got]).values, torch.sort(x[want]).values)
+
+
+def test_random_subset_is_distinct_reproducible_and_uniform():
+    from commopt.compressors import random_subset
+    d, k, draws = 1_000, 50, 4_000
+    counts = torch.zeros(d)
+    for s in range(draws):
+        idx = random_subset(d, k, torch.Generator().manual_seed(s))
+        assert idx.numel() == k and torch.unique(idx).numel() == k and int(idx.min()) >= 0 and int(idx.max()) < d
+        counts.index_add_(0, idx, torch.ones(k))
+    assert torch.equal(random_subset(d, k, torch.Generator().manual_seed(3)),
+                       random_subset(d, k, torch.Generator().manual_seed(3)))
+    # each index is chosen with probability k/d: mean draws*k/d = 200, sd about 13.8
+    expected = draws * k / d
+    sd = (draws * (k / d) * (1 - k / d)) ** 0.5
+    assert float((counts - expected).abs().max()) < 6 * sd
+    assert abs(float(counts.std()) - sd) < 0.2 * sd

@@ -368,7 +368,7 @@ def test_econtrol_default_eta_is_density():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-# --- purity: rules never modify their inputs --------------------------------------------------------------
+# --- purity: rules never modify their state, the gradient or the average (p and pending are theirs to reuse) --------------------------------------------------------------
 
 @pytest.mark.parametrize("fb", [NoFeedback(), EF14(), EF21(), EF21SGDM(0.2), EControl(0.1), EControl(1.0), EControl(0.0)])
 @pytest.mark.parametrize("comp", [TopK(k=3), RandK(k=3, seed=1)])
@@ -380,8 +380,6 @@ def test_rules_are_pure(fb, comp):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p, pending = fb.prepare(st, g, 3 / 12)
-    p_before = p.clone()
-    pending_before = {k: v.clone() for k, v in pending.items()}
     idx = comp.select(p, 3, 0, 0)
     vals = comp.values(p, idx)
     mean = torch.randn(12, dtype=F64)
@@ -390,9 +388,11 @@ def test_rules_are_pure(fb, comp):
     est = fb.estimate(new, mean)
     for k in st:
         assert torch.equal(st[k], before[k]), f"{fb!r} modified state[{k!r}] in place"
-    assert torch.equal(g, g_before) and torch.equal(mean, mean_before) and torch.equal(p, p_before)
-    for k in pending:
-        assert torch.equal(pending[k], pending_before[k])
+    assert torch.equal(g, g_before) and torch.equal(mean, mean_before)
+    # p and pending are the rule's own intermediates: update() may reuse their storage (EF14 and
+    # EControl form e_i - m_i in place, saving a bucket-sized copy); nothing else may alias them
+    for name, value in new.items():
+        assert all(value is not x for x in (g, mean, *st.values())), f"{fb!r}: new {name!r} aliases an input"
     assert set(new) == set(fb.local_slots) | set(fb.shared_slots)
     assert est.shape == g.shape and est.dtype == F64
     # init is pure too
