@@ -7,14 +7,15 @@ The data path of compressed DDP training, top to bottom:
 :class:`CompressedOptimizer` (the wrapped optimizer steps).
 
 :class:`CO2` trains τ local steps per round and overlaps the outer all-reduce
-with the next round.
+with the next round. :class:`MKOR` preconditions Linear/Conv2d gradients with
+Kronecker factors kept current by rank-1 Sherman–Morrison updates.
 """
 
 from .compressors import Compressor, RandK, ScaledRandK, TopK, make_compressor
 from .distributed import DistInfo, init_distributed
 from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback, NoFeedback, make_feedback
 from .hook import CompressionState, compression_hook
-from .optim import CO2, CompressedOptimizer
+from .optim import CO2, MKOR, CompressedOptimizer
 from .outer import AdaptivePenalty, ConstantPenalty, NoPenalty, Penalty
 
 try:
@@ -30,5 +31,6 @@ __all__ = [
     "CompressionState", "compression_hook",
     "CompressedOptimizer",
     "CO2", "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty",
+    "MKOR",
     "init_distributed", "DistInfo",
 ]

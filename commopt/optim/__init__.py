@@ -2,6 +2,7 @@
 
 from .co2 import CO2, local_gradients_hook
 from .compressed import CompressedOptimizer
+from .mkor import MKOR, KneeSwitch
 from .wrapper import WrappedOptimizer
 
-__all__ = ["CO2", "CompressedOptimizer", "WrappedOptimizer", "local_gradients_hook"]
+__all__ = ["CO2", "CompressedOptimizer", "KneeSwitch", "MKOR", "WrappedOptimizer", "local_gradients_hook"]

@@ -1,0 +1,548 @@
+"""``MKOR`` and MKOR-H: Kronecker-factored preconditioning with rank-1 Sherman–Morrison updates of the
+inverse factors and linear communication, as a drop-in ``torch.optim.Optimizer`` (SPEC §7).
+
+Mozaffari, Li, Zhang, Dehnavi, "MKOR: Momentum-Enabled Kronecker-Factor-Based Optimizer Using
+Rank-1 Updates", NeurIPS 2023, arXiv 2306.01685. Per layer and update (Algorithm 1):
+
+    ā = mean_rows a,  ḡ = Σ_rows δ                 lines 2–3  (commopt.precond.layers)
+    all-reduce-average [ā, ḡ] of every layer      line 4     (one bucketed collective, here)
+    stabilise, then SM-update L⁻¹ (ḡ), R⁻¹ (ā)     lines 5–8  (commopt.precond.rank1)
+    P = L⁻¹GR⁻¹, P ← P·‖G‖/‖P‖                      lines 9–10 (every step)
+    base optimizer steps with P                   line 14
+
+Data path with communication-efficient DDP::
+
+    backward: DDP (or CompressedOptimizer's hook) averages G into .grad; MKOR's tensor hooks
+              sum ā, ḡ locally (only in the iteration before an update step)
+    MKOR.step: one all-reduce of Σ(d_in + d_out) values -> factor updates -> .grad ← P
+               -> base_optimizer.step()   (e.g. CompressedOptimizer(ddp, SGD).step())
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from ..consistency import build_consistently
+from ..precond import layers as L
+from ..precond.rank1 import RULES, compute_dtype, precondition, update_factor
+from .wrapper import WrappedOptimizer
+
+__all__ = ["MKOR", "KneeSwitch"]
+
+_log = logging.getLogger("commopt.mkor")
+
+SkipSpec = Union[str, nn.Module, type]
+
+
+class KneeSwitch:
+    """MKOR-H's switch to the first-order optimizer (paper §3.2 "Hybrid MKOR"; SPEC §7).
+
+    The paper switches "based on the loss decrease rate" without a formula; SPEC §7 prescribes the
+    same authors' knee-point rule, implemented here on window-mean losses ℓ_k observed at times t_k
+    (the mean step index of window k):
+
+        r_k = (ℓ_{k−1} − ℓ_k)/(t_k − t_{k−1})          per-step improvement of the last window
+        m_k = s·m_{k−1} + (1 − s)·r_k                   its moving average (m_1 = r_1)
+        switch when k ≥ min_updates and m_k < β·(ℓ_0 − ℓ_k)/(t_k − t_0)
+
+    i.e. once the recent improvement rate falls below β times the *average per-step* improvement
+    since training began (for ℓ = ℓ_∞ + A·e^(−t/τ) and β = 0.1 this is at t ≈ 3.6τ). A
+    non-finite window loss is ignored. Pure Python floats: the caller feeds identical values on
+    every rank (the all-reduced loss), so every rank decides identically.
+    """
+
+    def __init__(self, beta: float = 0.1, smoothing: float = 0.5, min_updates: int = 4) -> None:
+        self.beta, self.smoothing, self.min_updates = float(beta), float(smoothing), int(min_updates)
+        self.count = 0
+        self.t0 = self.l0 = self.t_prev = self.l_prev = 0.0
+        self.rate: Optional[float] = None
+
+    def observe(self, t: float, loss: float) -> bool:
+        """Feed the next window's mean loss at time ``t``; True when the knee has been passed."""
+        if not math.isfinite(loss):
+            return False
+        if self.count == 0:
+            self.t0 = self.t_prev = float(t)
+            self.l0 = self.l_prev = float(loss)
+            self.count = 1
+            return False
+        dt = float(t) - self.t_prev
+        if dt <= 0:
+            return False
+        r = (self.l_prev - loss) / dt
+        self.rate = r if self.rate is None else self.smoothing * self.rate + (1.0 - self.smoothing) * r
+        self.t_prev, self.l_prev = float(t), float(loss)
+        self.count += 1
+        overall = (self.l0 - loss) / (float(t) - self.t0)
+        return self.count >= self.min_updates and overall > 0 and self.rate < self.beta * overall
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("count", "t0", "l0", "t_prev", "l_prev", "rate")}
+
+    def load_state_dict(self, sd: dict) -> None:
+        for k in ("count", "t0", "l0", "t_prev", "l_prev", "rate"):
+            setattr(self, k, sd[k])
+
+
+@dataclass(eq=False)
+class _Layer:
+    """One preconditioned layer: its factors and the statistics summed since the last update."""
+
+    name: str
+    module: nn.Module
+    d_in: int   # without the bias column
+    d_out: int
+    bias: bool  # bias folded in as an extra input column of ones
+    left: Tensor   # L⁻¹ ("ema") or F ("shrink"), d_out × d_out
+    right: Tensor  # R⁻¹ or F, (d_in + bias) × (d_in + bias)
+    a_sum: Optional[Tensor] = None
+    rows: int = 0
+    g_sum: Optional[Tensor] = None
+    handles: list = field(default_factory=list)
+
+    def clear(self) -> None:
+        self.a_sum, self.rows, self.g_sum = None, 0, None
+
+    def add(self, a_sum: Tensor, rows: int, g_sum: Tensor) -> None:
+        self.a_sum = a_sum if self.a_sum is None else self.a_sum + a_sum
+        self.g_sum = g_sum if self.g_sum is None else self.g_sum + g_sum
+        self.rows += rows
+
+    def params(self) -> list[Tensor]:
+        return [self.module.weight] + ([self.module.bias] if self.bias else [])
+
+
+def _skipped(name: str, module: nn.Module, owners: list[nn.Module], skip: tuple) -> bool:
+    for s in skip:
+        if isinstance(s, str):
+            if name == s or name.startswith(s + ".") or fnmatch.fnmatchcase(name, s):
+                return True
+        elif isinstance(s, type):
+            if isinstance(module, s):
+                return True
+        elif isinstance(s, nn.Module):
+            if any(o is s for o in owners):
+                return True
+        else:
+            raise TypeError(f"skip entries must be module names, modules or module classes, got {s!r}")
+    return False
+
+
+class MKOR(WrappedOptimizer):
+    """Preconditions the gradients of every ``nn.Linear`` / ``nn.Conv2d`` layer of ``model`` with
+    rank-1-updated inverse Kronecker factors, then steps ``base_optimizer`` (SPEC §7, paper Algorithm 1).
+
+    ``P = L⁻¹·G·R⁻¹`` rescaled to ``‖P‖ = ‖G‖`` replaces each layer's gradient G (bias folded in as
+    an input column of ones) from the very first step; every other parameter passes through to the
+    base optimizer unchanged. Every ``update_every`` steps the layers' rank-1 statistics
+    ā = mean_rows a and ḡ = Σ_rows δ (``commopt.precond.layers``) are averaged across ranks in
+    **one** all-reduce of Σ(d_in + d_out) values (d_in without the bias column, whose statistic is
+    the constant 1 and is appended locally) and fold into the factors
+    (``commopt.precond.rank1``). With ``hybrid=True`` (MKOR-H) the optimizer hands over to the
+    base optimizer for good once the loss curve passes its knee (:class:`KneeSwitch`).
+
+    Composition: the gradient exchange belongs to DDP or to :class:`CompressedOptimizer`; MKOR
+    preconditions the averaged gradient they leave in ``.grad``. Recommended nesting::
+
+        opt = MKOR(ddp, CompressedOptimizer(ddp, SGD(model.parameters(), ...)))
+
+    ``CompressedOptimizer(ddp, MKOR(ddp, SGD(...)))`` computes exactly the same iterates.
+
+    Args:
+        model: the model (a ``DistributedDataParallel`` is unwrapped); hooks go on its layers.
+        base_optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, a LAMB, ``CompressedOptimizer``)
+            owning every parameter of the preconditioned layers, and only parameters of ``model``.
+        rule: ``"shrink"`` (default; F = (M⁻¹ + vvᵀ)⁻¹, M = γF + (1−γ)I, eigenvalues in (0, 1]) or
+            ``"ema"`` (exact inverse of L = γL + (1−γ)vvᵀ); see :mod:`commopt.precond.rank1`.
+        factor_momentum: γ in (0, 1).
+        update_every: f ≥ 1: statistics and factor updates every f steps (steps 0, f, 2f, ...).
+        skip: layers left to the base optimizer: qualified names (``fnmatch`` patterns; a name
+            also skips everything below it), module instances, or module classes.
+        hybrid: MKOR-H; then pass the loss each step: ``opt.step(loss=loss)`` (or a closure).
+        stabilizer_threshold: ε of the norm-based stabiliser (max |factor| > ε triggers the blend).
+        stabilizer_blend: ζ in [0, 1): the blend F ← ζF + (1−ζ)I.
+        factor_dtype: storage dtype of the factors (default float32, float64 for float64
+            layers); arithmetic always runs in at least float32.
+        grad_scaler: a ``torch.amp.GradScaler``: ḡ is divided by its scale at backward time, so
+            the statistics are in unscaled units.
+        process_group: the group to average statistics over (default: the DDP model's, else
+            ``CompressedOptimizer``'s, else the default group when one is initialised).
+        knee_beta, knee_smoothing, knee_min_updates: the MKOR-H rule (:class:`KneeSwitch`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        base_optimizer: Optimizer,
+        rule: str = "shrink",
+        factor_momentum: float = 0.95,
+        update_every: int = 10,
+        skip: Iterable[SkipSpec] = (),
+        hybrid: bool = False,
+        *,
+        stabilizer_threshold: float = 100.0,
+        stabilizer_blend: float = 0.9,
+        factor_dtype: Optional[torch.dtype] = None,
+        grad_scaler: Any = None,
+        process_group: Optional[dist.ProcessGroup] = None,
+        knee_beta: float = 0.1,
+        knee_smoothing: float = 0.5,
+        knee_min_updates: int = 4,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"MKOR needs the model (an nn.Module) to hook its layers, got {type(model).__name__}")
+        super().__init__(base_optimizer)
+        if process_group is None:
+            if isinstance(model, DistributedDataParallel):
+                process_group = model.process_group
+            elif getattr(base_optimizer, "process_group", None) is not None:
+                process_group = base_optimizer.process_group
+        self.process_group = process_group
+        self.world_size = (dist.get_world_size(process_group)
+                           if dist.is_available() and dist.is_initialized() else 1)
+        self.rank = dist.get_rank(process_group) if self.world_size > 1 else 0
+        module = model.module if isinstance(model, DistributedDataParallel) else model
+        skip = tuple(skip) if not isinstance(skip, (str, nn.Module, type)) else (skip,)
+
+        def build() -> tuple[list[_Layer], dict]:
+            layers = self._build(module, base_optimizer, rule, factor_momentum, update_every, skip, hybrid,
+                                 stabilizer_threshold, stabilizer_blend, factor_dtype,
+                                 knee_beta, knee_smoothing, knee_min_updates)
+            config = {**self._config(), "base": type(base_optimizer).__name__,
+                      "layers": [(ly.name, ly.d_in, ly.d_out, ly.bias) for ly in layers]}
+            return layers, config
+
+        if self.world_size > 1:
+            # a bad setting on one rank raises on every rank (nobody is left waiting in the all-reduce)
+            self._layers = build_consistently(build, process_group, what="MKOR")
+        else:
+            self._layers = build()[0]
+        self.grad_scaler = grad_scaler
+        self.knee = KneeSwitch(knee_beta, knee_smoothing, knee_min_updates)
+        self._steps = 0
+        self._updates = 0
+        self.switched = False
+        self.switch_step: Optional[int] = None
+        self._loss_sum: Optional[Tensor] = None
+        self._loss_count = 0
+        self._loss_t = 0.0
+        dev = self._layers[0].module.weight.device
+        self._events = {k: torch.zeros((), dtype=torch.int64, device=dev) for k in ("blended", "reset", "skipped")}
+        self._comm = {"updates": 0, "allreduce_calls": 0, "values": 0}
+        self._collecting = True  # statistics are gathered in the iteration before every update step
+        for ly in self._layers:
+            ly.handles.append(ly.module.register_forward_hook(self._make_forward_hook(ly)))
+
+    # -- construction ----------------------------------------------------------------------------
+
+    def _build(self, module, base, rule, gamma, every, skip, hybrid, threshold, blend, factor_dtype,
+               knee_beta, knee_smoothing, knee_min_updates) -> list[_Layer]:
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
+            raise ValueError(f"factor_momentum (γ) must lie in the open interval (0, 1), got {gamma!r}")
+        if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+            raise ValueError(f"update_every must be an integer >= 1, got {every!r}")
+        if not (isinstance(threshold, (int, float)) and threshold > 0):
+            raise ValueError(f"stabilizer_threshold (ε) must be > 0, got {threshold!r}")
+        if not (isinstance(blend, (int, float)) and 0.0 <= blend < 1.0):
+            raise ValueError(f"stabilizer_blend (ζ) must lie in [0, 1), got {blend!r}")
+        if factor_dtype is not None and (not isinstance(factor_dtype, torch.dtype) or not factor_dtype.is_floating_point):
+            raise ValueError(f"factor_dtype must be a floating-point torch.dtype, got {factor_dtype!r}")
+        if not 0.0 <= knee_smoothing < 1.0 or knee_beta <= 0 or int(knee_min_updates) < 2:
+            raise ValueError("MKOR-H needs knee_beta > 0, knee_smoothing in [0, 1) and knee_min_updates >= 2")
+        self.rule, self.gamma, self.update_every = rule, float(gamma), every
+        self.hybrid = bool(hybrid)
+        self.stabilizer_threshold, self.stabilizer_blend = float(threshold), float(blend)
+        self.factor_dtype = factor_dtype
+        self._knee_cfg = (float(knee_beta), float(knee_smoothing), int(knee_min_updates))
+
+        owned = {id(p) for g in base.param_groups for p in g["params"]}
+        model_params = {id(p) for p in module.parameters()}
+        foreign = [p for g in base.param_groups for p in g["params"] if id(p) not in model_params]
+        if foreign:
+            raise ValueError(f"the base optimizer holds {len(foreign)} tensor(s) that are not parameters of the "
+                             f"model: build it over this model's parameters")
+        if not owned & model_params:
+            raise ValueError("the base optimizer owns none of the model's parameters")
+        chain: dict[str, list[nn.Module]] = {}
+        layers, not_owned = [], []
+        for name, m in module.named_modules():
+            parent = name.rsplit(".", 1)[0] if "." in name else ""
+            chain[name] = chain.get(parent, []) + [m] if name else [m]
+            if not L.is_supported(m) or not m.weight.requires_grad:
+                continue
+            if _skipped(name, m, chain[name], skip):
+                continue
+            bias = m.bias is not None and m.bias.requires_grad
+            ps = [m.weight] + ([m.bias] if bias else [])
+            if any(id(p) not in owned for p in ps):
+                not_owned.append(name or type(m).__name__)
+                continue
+            d_in, d_out = L.input_dim(m), L.output_dim(m)
+            dt = factor_dtype or compute_dtype(m.weight.dtype)
+            dev = m.weight.device
+            layers.append(_Layer(name, m, d_in, d_out, bias,
+                                 torch.eye(d_out, dtype=dt, device=dev),
+                                 torch.eye(d_in + int(bias), dtype=dt, device=dev)))
+        if not_owned:
+            raise ValueError(f"the base optimizer does not own the parameters of layer(s) {not_owned}: MKOR "
+                             f"writes their preconditioned gradients for the base optimizer to apply")
+        if not layers:
+            raise ValueError(f"MKOR found no nn.Linear or nn.Conv2d layer (groups=1, trainable weight) to "
+                             f"precondition in {type(module).__name__} (skip={list(map(repr, skip))})")
+        return layers
+
+    def _config(self) -> dict:
+        return {"rule": self.rule, "factor_momentum": self.gamma, "update_every": self.update_every,
+                "hybrid": self.hybrid, "stabilizer_threshold": self.stabilizer_threshold,
+                "stabilizer_blend": self.stabilizer_blend, "factor_dtype": str(self.factor_dtype),
+                "knee": list(self._knee_cfg)}
+
+    # -- statistics (Algorithm 1 lines 2–3) -----------------------------------------------------
+
+    def _scale(self) -> Optional[Tensor]:
+        s = self.grad_scaler
+        if s is None or (hasattr(s, "is_enabled") and not s.is_enabled()):
+            return None
+        return getattr(s, "_scale", None)
+
+    def _make_forward_hook(self, ly: _Layer) -> Callable:
+        def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            if not self._collecting or not torch.is_grad_enabled():
+                return
+            if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
+                return
+            if module.weight.grad is None:  # zero_grad(set_to_none=True) since the last statistics
+                ly.clear()
+            a_sum, rows = L.input_sum(module, inputs[0])
+
+            def on_output_grad(grads: tuple) -> None:
+                if not grads or grads[0] is None:
+                    return
+                g_sum = L.output_grad_sum(module, grads[0].reshape(output.shape))
+                scale = self._scale()
+                if scale is not None:  # statistics in unscaled units (the loss was multiplied by it)
+                    g_sum = g_sum / scale.to(g_sum.dtype)
+                ly.add(a_sum, rows, g_sum)
+
+            # A pre-hook on the node that produced the output receives δ even when a later in-place
+            # op (ReLU(inplace=True)) rewrites the output; for a view output (Linear on 3-D inputs
+            # returns a view of a 2-D matmul result) that node is the base's.
+            base = output._base
+            node = base.grad_fn if base is not None and base.numel() == output.numel() else output.grad_fn
+            if node is not None:
+                node.register_prehook(on_output_grad)
+
+        return forward_hook
+
+    def _clear_statistics(self) -> None:
+        for ly in self._layers:
+            ly.clear()
+
+    def _local_statistics(self) -> Tensor:
+        """[ā₁, ḡ₁, ā₂, ḡ₂, …] (and the window's mean loss under MKOR-H): this rank's share of the collective.
+
+        A layer that saw no backward since the last update contributes zeros."""
+        dtype = torch.float64 if any(ly.left.dtype == torch.float64 for ly in self._layers) else torch.float32
+        dev = self._layers[0].module.weight.device
+        parts = []
+        for ly in self._layers:
+            if ly.rows > 0 and ly.g_sum is not None:
+                parts += [ly.a_sum.to(dtype) / ly.rows, ly.g_sum.to(dtype)]
+            else:
+                parts.append(torch.zeros(ly.d_in + ly.d_out, dtype=dtype, device=dev))
+        if self.hybrid:
+            loss = self._loss_sum / self._loss_count if self._loss_count else torch.tensor(float("nan"))
+            parts.append(loss.to(dtype=dtype, device=dev).reshape(1))
+        return torch.cat(parts)
+
+    def _average(self, buf: Tensor) -> Tensor:
+        """Algorithm 1 line 4: one all-reduce for all layers, averaged exactly once."""
+        if self.world_size > 1:
+            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+            buf.div_(self.world_size)
+            self._comm["allreduce_calls"] += 1
+            self._comm["values"] += buf.numel()
+        return buf
+
+    # -- factor updates (lines 5–8) and preconditioning (lines 9–10) ---------------------------
+
+    def _update_factors(self) -> None:
+        """Algorithm 1 lines 4–8 for every layer: average [ā, ḡ] (one collective), then stabilise and
+        SM-update L⁻¹ from ḡ and R⁻¹ from [ā, 1]; under MKOR-H also feed the knee rule (§3.2)."""
+        buf = self._average(self._local_statistics())
+        self._comm["updates"] += 1
+        off = 0
+        for ly in self._layers:
+            a = buf[off:off + ly.d_in]
+            g = buf[off + ly.d_in:off + ly.d_in + ly.d_out]
+            off += ly.d_in + ly.d_out
+            if ly.bias:
+                a = torch.cat([a, a.new_ones(1)])
+            args = (self.rule, self.gamma, self.stabilizer_threshold, self.stabilizer_blend)
+            ly.left, ev_l = update_factor(ly.left, g, *args)
+            ly.right, ev_r = update_factor(ly.right, a, *args)
+            for k in self._events:
+                self._events[k] += ev_l[k].to(torch.int64) + ev_r[k].to(torch.int64)
+        self._updates += 1
+        if self.hybrid:
+            t = self._loss_t / self._loss_count if self._loss_count else float(self._steps)
+            if self.knee.observe(t, float(buf[-1])):
+                self.switched = True
+                self.switch_step = self._steps
+                if self.rank == 0:
+                    _log.info("MKOR-H: loss decrease rate fell below %.3g x its average since the start at step "
+                              "%d (window loss %.6g); continuing with %s alone, its state kept",
+                              self.knee.beta, self._steps, float(buf[-1]), type(self.optimizer).__name__)
+        self._loss_sum, self._loss_count, self._loss_t = None, 0, 0.0
+
+    def _precondition(self) -> None:
+        """Algorithm 1 lines 9–10 for every layer with a gradient: .grad ← L⁻¹GR⁻¹·‖G‖/‖L⁻¹GR⁻¹‖."""
+        for ly in self._layers:
+            if ly.module.weight.grad is None:
+                continue
+            g = L.grad_matrix(ly.module, ly.bias)
+            p = precondition(ly.left, g, ly.right)
+            L.write_grad(ly.module, p.to(g.dtype), ly.bias)
+
+    # -- optimizer API ---------------------------------------------------------------------------
+
+    def _observe_loss(self, loss: Any) -> None:
+        if loss is None:
+            raise ValueError("MKOR-H (hybrid=True) needs the loss of every step: opt.step(loss=loss), "
+                             "scaler.step(opt, loss=loss), or a closure that returns it")
+        if isinstance(loss, Tensor):
+            t = loss.detach().reshape(()).to(torch.float64)
+        else:
+            t = torch.tensor(float(loss), dtype=torch.float64)
+        self._loss_sum = t if self._loss_sum is None else self._loss_sum + t.to(self._loss_sum.device)
+        self._loss_count += 1
+        self._loss_t += float(self._steps)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None, *, loss: Any = None):  # type: ignore[override]
+        """Update the factors (every ``update_every`` steps), precondition ``.grad``, step the base optimizer.
+
+        ``loss`` (a tensor or float) feeds MKOR-H's switch; a closure's return value does too.
+        """
+        ret = None
+        if closure is not None:
+            with torch.enable_grad():
+                ret = closure()
+            if loss is None:
+                loss = ret
+        if self.hybrid and not self.switched:
+            self._observe_loss(loss)
+        if not self.switched:
+            if self._steps % self.update_every == 0:
+                self._update_factors()
+            if not self.switched:
+                self._precondition()
+        self.optimizer.step()
+        self._steps += 1
+        self._clear_statistics()
+        self._collecting = not self.switched and self._steps % self.update_every == 0
+        return ret
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._clear_statistics()
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def remove_hooks(self) -> None:
+        """Detach MKOR from the model's layers (the optimizer then only passes gradients through)."""
+        for ly in self._layers:
+            for h in ly.handles:
+                h.remove()
+            ly.handles.clear()
+
+    # -- introspection ---------------------------------------------------------------------------
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [ly.name for ly in self._layers]
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer name: (left, right)}: L⁻¹, R⁻¹ under ``"ema"``, the shrink factors F under ``"shrink"``."""
+        return {ly.name: (ly.left, ly.right) for ly in self._layers}
+
+    def local_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """{layer name: (ā, ḡ)} gathered on this rank since the last update (before averaging; ā
+        without the bias's constant 1). Empty for a layer that saw no backward."""
+        return {ly.name: (ly.a_sum / ly.rows, ly.g_sum) for ly in self._layers
+                if ly.rows > 0 and ly.g_sum is not None}
+
+    def statistics_size(self) -> int:
+        """Values each rank contributes to the per-update all-reduce: Σ(d_in + d_out) (+1 loss under MKOR-H)."""
+        return sum(ly.d_in + ly.d_out for ly in self._layers) + int(self.hybrid)
+
+    def comm_stats(self) -> dict:
+        """``updates``, ``allreduce_calls``, ``values`` (all-reduced by this rank), ``values_per_update``,
+        and the stabiliser's ``blended`` / ``reset`` / ``skipped`` factor-update counts."""
+        out = dict(self._comm)
+        out["values_per_update"] = self.statistics_size()
+        out.update({k: int(v) for k, v in self._events.items()})
+        return out
+
+    # -- checkpoints -----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """The base optimizer's state plus MKOR's factors, counters and MKOR-H switch (save per rank
+        when the base optimizer's state is per rank, e.g. ``CompressedOptimizer``)."""
+        mk = {
+            "version": 1, "config": self._config(), "steps": self._steps, "updates": self._updates,
+            "factors": {ly.name: {"left": ly.left.detach().clone(), "right": ly.right.detach().clone()}
+                        for ly in self._layers},
+            "events": {k: v.detach().clone() for k, v in self._events.items()},
+            "comm": dict(self._comm),
+            "hybrid": {"switched": self.switched, "switch_step": self.switch_step, "knee": self.knee.state_dict(),
+                       "loss_sum": None if self._loss_sum is None else self._loss_sum.detach().clone(),
+                       "loss_count": self._loss_count, "loss_t": self._loss_t},
+        }
+        return {"optimizer": self.optimizer.state_dict(), "mkor": mk}
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore :meth:`state_dict`; the layers and the rule must match (other settings may change)."""
+        if not isinstance(state_dict, dict) or "mkor" not in state_dict or "optimizer" not in state_dict:
+            raise ValueError("not an MKOR state_dict (expected keys 'optimizer' and 'mkor'); to load a plain "
+                             "optimizer checkpoint use opt.optimizer.load_state_dict()")
+        mk = state_dict["mkor"]
+        if mk["config"]["rule"] != self.rule:
+            raise ValueError(f"checkpoint was written with rule={mk['config']['rule']!r}, this MKOR uses "
+                             f"rule={self.rule!r}: the factors mean different things")
+        facs = mk["factors"]
+        if sorted(facs) != sorted(self.layer_names):
+            raise ValueError(f"checkpoint layers {sorted(facs)} differ from this model's {sorted(self.layer_names)}")
+        for ly in self._layers:
+            f = facs[ly.name]
+            if tuple(f["left"].shape) != tuple(ly.left.shape) or tuple(f["right"].shape) != tuple(ly.right.shape):
+                raise ValueError(f"layer {ly.name!r}: factor shapes in the checkpoint differ from the model's")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for ly in self._layers:
+            ly.left = facs[ly.name]["left"].to(dtype=ly.left.dtype, device=ly.left.device).clone()
+            ly.right = facs[ly.name]["right"].to(dtype=ly.right.dtype, device=ly.right.device).clone()
+        for k, v in mk["events"].items():
+            self._events[k] = v.to(self._events[k].device).clone()
+        self._comm = dict(mk["comm"])
+        self._steps, self._updates = int(mk["steps"]), int(mk["updates"])
+        hy = mk["hybrid"]
+        self.switched, self.switch_step = bool(hy["switched"]), hy["switch_step"]
+        self.knee.load_state_dict(hy["knee"])
+        self._loss_sum = None if hy["loss_sum"] is None else hy["loss_sum"].clone()
+        self._loss_count, self._loss_t = int(hy["loss_count"]), float(hy["loss_t"])
+        self._clear_statistics()
+        self._collecting = not self.switched and self._steps % self.update_every == 0
+
+    def __repr__(self) -> str:
+        return (f"MKOR(rule={self.rule!r}, factor_momentum={self.gamma}, update_every={self.update_every}, "
+                f"hybrid={self.hybrid}, layers={len(self._layers)}, base={self.optimizer!r})")

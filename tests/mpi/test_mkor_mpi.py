@@ -1,0 +1,236 @@
+"""MKOR on n ranks (gloo; run at 2 and 4): replicated factors, one all-reduce of Σ(d_in + d_out)
+values per update averaged exactly once, composition with CompressedOptimizer, checkpoints, and
+configuration errors raised on every rank (SPEC §7)."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import commopt
+from commopt.optim.mkor import MKOR
+from mpi_helpers import MLP, all_ranks_true, batch, make_mlp_ddp, same_on_all_ranks
+
+F64 = torch.float64
+SIZES = (32, 16, 16, 8)
+
+
+def _factors_identical(opt) -> list[str]:
+    bad = []
+    for name, (left, right) in opt.factors().items():  # same layer order on every rank
+        if not same_on_all_ranks(left) or not same_on_all_ranks(right):
+            bad.append(name)
+    return bad
+
+
+def _step(ddp, opt, x, y, **kw):
+    opt.zero_grad()
+    loss = torch.nn.functional.mse_loss(ddp(x), y)
+    loss.backward()
+    opt.step(**kw)
+    return loss.detach()
+
+
+@pytest.mark.parametrize("rule", ["shrink", "ema"])
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_factors_bitwise_identical_and_statistics_are_the_true_mean(world, rule):
+    r, n = world.rank, world.size
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+    opt = MKOR(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), rule=rule, update_every=2)
+    seen = []
+    average = opt._average
+
+    def spy(buf):
+        local = buf.clone()
+        out = average(buf)
+        seen.append((local, out.clone()))
+        return out
+
+    opt._average = spy
+    problems = []
+    for t in range(6):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+        problems += [f"step {t}: factors of {b}" for b in _factors_identical(opt)]
+    assert len(seen) == 3
+    for local, avg in seen:
+        gathered = [torch.empty_like(local) for _ in range(n)]
+        dist.all_gather(gathered, local)
+        mean = torch.stack(gathered).sum(0) / n
+        if not torch.allclose(avg, mean, rtol=1e-13, atol=1e-15):
+            problems.append(f"all-reduced statistics differ from the mean by {float((avg - mean).abs().max()):.2e}")
+        if not same_on_all_ranks(avg):
+            problems.append("all-reduced statistics differ across ranks")
+    assert all_ranks_true(not problems), f"rank {r}: {problems}"
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_one_allreduce_of_sum_din_plus_dout_values_per_update(world, monkeypatch):
+    """DDP's own all-reduce runs in C++; every Python-level all_reduce here is MKOR's."""
+    r = world.rank
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+    opt = MKOR(ddp, torch.optim.SGD(model.parameters(), lr=0.05), update_every=3)
+    expected = sum(a + b for a, b in zip(SIZES[:-1], SIZES[1:]))  # (32+16) + (16+16) + (16+8) = 104
+    assert opt.statistics_size() == expected == 104
+    calls = []
+    real = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        calls.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", counting)
+    for t in range(10):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    monkeypatch.undo()
+    assert calls == [expected] * 4  # steps 0, 3, 6, 9
+    st = opt.comm_stats()
+    assert (st["updates"], st["allreduce_calls"], st["values"], st["values_per_update"]) == (4, 4, 4 * expected, expected)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_ddp_on_n_ranks_equals_one_process_on_the_concatenated_batch(world):
+    """Statistics averaged exactly once: ā and ḡ of the rank means equal the big batch's (the
+    released code's double averaging would shrink ḡ by 1/n and break this)."""
+    r, n = world.rank, world.size
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+    opt = MKOR(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), update_every=2)
+    torch.manual_seed(0)
+    ref = MLP(SIZES, F64)  # every rank runs the same single-process reference on all ranks' data
+    ref_opt = MKOR(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), update_every=2)
+    for t in range(8):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+        xs, ys = zip(*(batch(q, t, dtype=F64) for q in range(n)))
+        _step(ref, ref_opt, torch.cat(xs), torch.cat(ys))
+    with torch.no_grad():
+        worst = max(float((a - b).abs().max()) for a, b in zip(model.parameters(), ref.parameters()))
+    worst_f = max(float((a - b).abs().max()) for k in opt.factors()
+                  for a, b in zip(opt.factors()[k], ref_opt.factors()[k]))
+    assert all_ranks_true(worst < 1e-10 and worst_f < 1e-10), f"rank {r}: params {worst:.2e}, factors {worst_f:.2e}"
+
+
+def _compressed(nesting: str):
+    """(model, ddp, the optimizer the loop steps, the MKOR, the CompressedOptimizer)."""
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64, bucket_cap_mb=0.005)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    if nesting == "mkor_outside":
+        comp = commopt.CompressedOptimizer(ddp, sgd, compressor="topk:0.1", feedback="econtrol")
+        mk = MKOR(ddp, comp, update_every=2)
+        return model, ddp, mk, mk, comp
+    mk = MKOR(ddp, sgd, update_every=2)
+    comp = commopt.CompressedOptimizer(ddp, mk, compressor="topk:0.1", feedback="econtrol")
+    return model, ddp, comp, mk, comp
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_composes_with_compressed_optimizer_in_either_nesting(world):
+    """Compressed exchange + MKOR preconditioning in one loop: both nestings give the same iterates
+    bitwise; factors and parameters stay bitwise identical across ranks; the loss goes down."""
+    r = world.rank
+    runs = {}
+    for nesting in ("mkor_outside", "mkor_inside"):
+        model, ddp, opt, mk, comp = _compressed(nesting)
+        losses = []
+        for t in range(16):
+            loss = _step(ddp, opt, *batch(r, t % 4, dtype=F64))
+            dist.all_reduce(loss)  # the ranks' targets differ: follow the global loss
+            losses.append(float(loss) / world.size)
+        problems = _factors_identical(mk) + [f"param {j}" for j, p in enumerate(model.parameters())
+                                             if not same_on_all_ranks(p)]
+        if comp.comm_stats()["compressed_rounds"] == 0 or mk.comm_stats()["allreduce_calls"] != 8:
+            problems.append(f"collectives: {comp.comm_stats()}, {mk.comm_stats()}")
+        if not sum(losses[-4:]) < 0.9 * sum(losses[:4]):  # the same 4 batches, cycled
+            problems.append(f"losses {losses}")
+        assert all_ranks_true(not problems), f"rank {r} ({nesting}): {problems}"
+        runs[nesting] = [p.detach().clone() for p in model.parameters()]
+    same = all(torch.equal(a, b) for a, b in zip(runs["mkor_outside"], runs["mkor_inside"]))
+    assert all_ranks_true(same), f"rank {r}: the two nestings differ"
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_checkpoint_resume_is_identical(world, hybrid):
+    """MKOR(ddp, CompressedOptimizer(ddp, SGD)) saved per rank mid-run (between updates), loaded into
+    fresh objects: the continued run equals the uninterrupted one bitwise (params and factors)."""
+    r = world.rank
+
+    def build():
+        torch.manual_seed(0)
+        model = MLP(sizes=SIZES, dtype=F64)
+        ddp = DDP(model)
+        sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        opt = MKOR(ddp, commopt.CompressedOptimizer(ddp, sgd, compressor="topk:0.1", feedback="econtrol"),
+                   update_every=3, hybrid=hybrid, knee_min_updates=2)
+        return model, ddp, opt
+
+    kw = lambda loss: {"loss": loss} if hybrid else {}  # noqa: E731
+
+    def run(model, ddp, opt, steps):
+        for t in steps:
+            x, y = batch(r, t, dtype=F64)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step(**kw(loss))
+
+    model, ddp, opt = build()
+    run(model, ddp, opt, range(7))
+    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    run(model, ddp, opt, range(7, 14))
+    model2, ddp2, opt2 = build()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    run(model2, ddp2, opt2, range(7, 14))
+    same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
+    same_f = all(torch.equal(a, b) for k in opt.factors() for a, b in zip(opt.factors()[k], opt2.factors()[k]))
+    assert all_ranks_true(same and same_f), f"rank {r}: resumed params equal {same}, factors equal {same_f}"
+    assert opt2.state_dict()["mkor"]["steps"] == 14
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_mkor_h_switches_at_the_same_step_on_every_rank(world):
+    """Ranks see different losses; the switch uses the all-reduced window loss (one extra value in
+    the same collective), so every rank switches at the same step."""
+    r = world.rank
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+    opt = MKOR(ddp, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), update_every=2, hybrid=True,
+               knee_min_updates=2, knee_beta=0.3)
+    assert opt.statistics_size() == 105
+    for t in range(60):
+        x, y = batch(0, t % 4, dtype=F64)
+        _step(ddp, opt, x, y + 0.1 * r, loss=None if opt.switched else torch.nn.functional.mse_loss(ddp(x), y))
+    step = torch.tensor([opt.switch_step if opt.switched else -1], dtype=torch.int64)
+    assert opt.switched and same_on_all_ranks(step), f"rank {r}: switch step {opt.switch_step}"
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_bad_setting_on_one_rank_raises_on_every_rank(world):
+    r = world.rank
+    model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    with pytest.raises(ValueError, match=r"factor_momentum|rank 1"):
+        MKOR(ddp, sgd, factor_momentum=1.5 if r == 1 else 0.95)
+    with pytest.raises(ValueError, match="configured differently"):
+        MKOR(ddp, sgd, update_every=5 if r == 0 else 10)
+    with pytest.raises(ValueError, match="configured differently"):
+        MKOR(ddp, sgd, skip=["layers.2"] if r == 0 else ())
+    opt = MKOR(ddp, sgd)  # and a correct construction still works afterwards
+    _step(ddp, opt, *batch(r, 0, dtype=F64))
+    assert _factors_identical(opt) == []
