@@ -328,37 +328,6 @@ def test_load_state_dict_refuses_mismatches():
         comp.load_state_dict(sd)
 
 
-def test_checkpoint_mid_round_and_mid_flight_single_process(tmp_path):
-    for name, kw in CKPT_CASES.items():
-        model, opt = build(kw)
-        ref = run(model, opt, TOTAL, dtype=torch.float32)
-        for k in SAVE_AT:
-            model, opt = build(kw)
-            run(model, opt, k, dtype=torch.float32)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, tmp_path / "ck.pt")
-            fresh, fresh_opt = build(kw, seed=5)
-            ck = torch.load(tmp_path / "ck.pt")
-            fresh.load_state_dict(ck["model"])
-            fresh_opt.load_state_dict(ck["opt"])
-            got = run(fresh, fresh_opt, TOTAL - k, start=k, dtype=torch.float32)
-            assert all(torch.equal(a, b) for a, b in zip(got, ref)), (name, k)
-
-
-@pytest.mark.timeout(30)
-def test_load_state_dict_refuses_mismatches():
-    model, opt = build(dict(tau=3))
-    run(model, opt, 4, dtype=torch.float32)
-    sd = opt.state_dict()
-    _, other = build(dict(tau=4))
-    with pytest.raises(ValueError, match="tau"):
-        other.load_state_dict(sd)
-    with pytest.raises(ValueError, match="not a CO2 state_dict"):
-        other.load_state_dict(opt.optimizer.state_dict())
-    _, comp = build(dict(tau=3, compressor="topk:0.5"))
-    with pytest.raises(ValueError, match="exchange"):
-        comp.load_state_dict(sd)
-
-
 def _ckpt_worker(rank: int, world: int, store: str, out: str, phase: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
