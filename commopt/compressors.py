@@ -156,7 +156,10 @@ class RandK(Compressor):
         gen = torch.Generator(device="cpu")
         gen.manual_seed(_seed(self.seed, step, key))
         # drawn on the CPU so the choice is identical on every device type
-        return random_subset(d, k, gen).to(x.device)
+        idx = random_subset(d, k, gen)
+        if x.is_cuda:  # pinned + non_blocking: no stream synchronisation in the hook
+            return idx.pin_memory().to(x.device, non_blocking=True)
+        return idx
 
     def config(self) -> dict:
         return {**super().config(), "seed": self.seed}

@@ -141,6 +141,7 @@ class CompressionState:
         self._pending: list[tuple[Block, Tensor, dict[str, Tensor]]] = []  # filled by callbacks
         self._step_futures: list[Future] = []
         self._skipped = torch.zeros((), dtype=torch.int64)
+        self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
                       "compressed_rounds": 0, "collectives": {}}
 
@@ -229,6 +230,8 @@ class CompressionState:
         parts = []
         for blk in blocks:
             blk.slots = {n: t.to(buf.device) for n, t in blk.slots.items()}
+            if blk.canon is not None:
+                blk.canon = (blk.canon[0].to(buf.device), blk.canon[1].to(buf.device))
             ranges = [(start[pid], n) for pid, n in zip(blk.pids, blk.numels)]
             contiguous = all(ranges[i][0] + ranges[i][1] == ranges[i + 1][0] for i in range(len(ranges) - 1))
             if contiguous:
@@ -346,6 +349,8 @@ class CompressionState:
         if not pending:
             return
         ok = torch.stack([item[1] for item in pending]).all()
+        if self.in_warmup() or self.step <= max(self.warmup_steps, self.dense_until):
+            self._last_ok = ok  # read once when warm-up ends (see _extend_warmup_if_it_overflowed)
         if self._skipped.device != ok.device:
             self._skipped = self._skipped.to(ok.device)
         self._skipped += ~ok
@@ -359,6 +364,16 @@ class CompressionState:
             for name, value in new.items():
                 old = blk.slots[name]
                 torch.where(ok, value, old, out=old)
+
+    def _extend_warmup_if_it_overflowed(self) -> None:
+        """Keep rounds dense while the last dense round was skipped (non-finite), so that the feedback
+        state starts from a real uncompressed gradient (SPEC §2), not from zeros: GradScaler's first
+        steps often overflow. Reads one flag once per warm-up end (a sync on CUDA, never afterwards)."""
+        if self._last_ok is None or self.in_warmup():
+            return
+        ok, self._last_ok = self._last_ok, None
+        if not bool(ok):
+            self.dense_until = self.step + 1
 
     def skipped_rounds(self) -> int:
         """Steps whose average was non-finite somewhere (state left untouched). Synchronises: not in the hook."""
@@ -443,6 +458,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     The last bucket's future completes after the step's state commit.
     """
     buf = bucket.buffer()
+    if not state._step_futures:  # the first bucket of a step
+        state._extend_warmup_if_it_overflowed()
     plan = state._plan_for(bucket.index(), bucket.parameters(), buf)
     dense = state.in_warmup()
     futures = []
@@ -452,30 +469,57 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
             futures.append(state.dense_round(blk, g))
         else:
             futures.append(state.compressed_round(blk, g))
+
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
-        fut = futures[0].then(lambda _: buf)
+        fut = futures[0] if buf.is_cuda else futures[0].then(lambda _: buf)
     else:
-        def assemble(_: Future) -> Tensor:
+        def assemble() -> Tensor:
             for (blk, pos, off), f in zip(plan.parts, futures):
-                est = f.value()
+                est = f.wait()  # wait(), not value(): orders this stream after the part's kernels
                 if pos is not None:
                     buf.index_copy_(0, pos, est)
             return buf
-        fut = torch.futures.collect_all(futures).then(assemble)
+        fut = _when_all(futures, assemble, buf)
     state._step_futures.append(fut)
     if bucket.is_last():
         step_futures, state._step_futures = state._step_futures, []
         state.step += 1
         state.stats["steps"] += 1
 
-        def commit(_: Future) -> Tensor:
-            for f in step_futures:
-                f.value()  # re-raise a failed bucket
+        def commit() -> Tensor:
+            try:
+                for f in step_futures:
+                    f.wait()  # re-raises a failed bucket; on CUDA also orders the streams
+            except Exception:
+                state._pending.clear()  # a failed step leaves the state as it was
+                raise
             state._commit()
             return buf
 
-        return torch.futures.collect_all(step_futures).then(commit)
+        return _when_all(step_futures, commit, buf)
     return fut
+
+
+def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:
+    """A future of ``fn()`` run once every future in ``futures`` is done.
+
+    On the CPU this is ``collect_all(...).then``. On CUDA, ``collect_all`` makes a future
+    without devices, whose completion would record no stream events, so the result goes
+    into a ``Future(devices=[buf.device])`` that records them (DDP then waits correctly).
+    """
+    gathered = torch.futures.collect_all(futures)
+    if not buf.is_cuda:
+        return gathered.then(lambda _: fn())
+    result: Future = torch.futures.Future(devices=[buf.device])
+
+    def done(_: Future) -> None:
+        try:
+            result.set_result(fn())
+        except Exception as exc:  # noqa: BLE001 - handed to DDP through the future
+            result.set_exception(exc)
+
+    gathered.add_done_callback(done)
+    return result
 
 
 # DDP inspects the annotations; with postponed evaluation they would be strings

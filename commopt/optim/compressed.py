@@ -142,7 +142,13 @@ class CompressedOptimizer(WrappedOptimizer):
         local = self.hook_state.replicated_checksum()
         n = dist.get_world_size(self.process_group)
         sums = [torch.zeros_like(local) for _ in range(n)]
-        dist.all_gather(sums, local, group=self.process_group)
+        if dist.get_backend(self.process_group) == "nccl":  # NCCL gathers CUDA tensors only
+            dev = torch.device("cuda", torch.cuda.current_device())
+            dev_sums = [s.to(dev) for s in sums]
+            dist.all_gather(dev_sums, local.to(dev), group=self.process_group)
+            sums = [s.cpu() for s in dev_sums]
+        else:
+            dist.all_gather(sums, local, group=self.process_group)
         values = [int(s) for s in sums]
         if any(v != values[0] for v in values):
             raise RuntimeError(f"replicated error-feedback state differs across ranks (checksums {values})")

@@ -219,3 +219,39 @@ def test_gradscaler_overflow_on_one_rank_is_skipped_on_all(world, rule, where):
     _, p2 = run(True, True)
     problems = p0 + p1 + p2 + ([] if worst <= 1e-6 else [f"scaled vs unscaled differ by {worst:.3e}"])
     assert all_ranks_true(not problems), f"rank {r}: {problems}"
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_overflowing_warmup_is_extended_until_a_dense_round_succeeds(world):
+    """SPEC §2: the state starts from an uncompressed gradient. If every warm-up round overflows (GradScaler's
+    first steps), the hook stays dense until one succeeds, instead of compressing from a zero state."""
+    r, n = world.rank, world.size
+    model, ddp = make_mlp_ddp()
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=0.01),
+                                      compressor="topk:0.05", feedback="ef21", warmup_steps=2)
+    st = opt.hook_state
+    grads = None
+    for t in range(5):
+        x, y = batch(r, t)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        if t < 3 and r == n - 1:
+            loss = loss * float("inf")  # steps 0, 1 (warm-up) and 2 overflow on the last rank
+        loss.backward()
+        if t == 3:
+            grads = [p.grad.detach().clone() for p in model.parameters()]
+            state_after_3 = {i: {k: v.clone() for k, v in b.slots.items()} for i, b in st.blocks().items()}
+            rounds_after_3 = (st.stats["dense_rounds"], st.stats["compressed_rounds"])
+        if t >= 3:
+            opt.step()
+    blocks = len(st.blocks())
+    # steps 0-3 dense (2 warm-up + 2 extended while the dense round overflowed), step 4 compressed
+    assert rounds_after_3[1] == 0, rounds_after_3
+    assert st.stats["compressed_rounds"] == blocks
+    assert st.skipped_rounds() == 3
+    # the state after step 3 is the dense initialisation from step 3's averaged gradient: w = mean g
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    w_total = sum(float(s["w"].abs().sum()) for s in state_after_3.values())
+    assert w_total > 0 and abs(w_total - float(flat.abs().sum())) < 1e-5 * max(1.0, w_total)
+    assert all_ranks_true(not differing_replicated(opt))
