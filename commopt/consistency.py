@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Optional, TypeVar
 
+import torch
 import torch.distributed as dist
+from torch import Tensor
 
-__all__ = ["assert_same_across_ranks", "build_consistently"]
+__all__ = ["assert_same_across_ranks", "build_consistently", "bit_checksum", "assert_bitwise_same"]
 
 T = TypeVar("T")
 
@@ -73,3 +75,34 @@ def build_consistently(build: Callable[[], tuple[T, dict]], group: Optional[dist
     if diffs:
         raise ValueError(f"{what}: ranks are configured differently:\n  " + "\n  ".join(diffs))
     return result
+
+
+def bit_checksum(tensors: "list[Tensor]") -> Tensor:
+    """A position-weighted checksum (int64, on the CPU) of the bit patterns of float tensors.
+
+    Equal on two ranks when the tensors are bitwise equal; any single differing bit changes it."""
+    acc = torch.zeros((), dtype=torch.int64)
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+    for t in tensors:
+        t = t.detach().reshape(-1).cpu()
+        bits = t.view(ints[t.element_size()]).to(torch.int64)
+        w = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
+        acc = acc * 1000003 + (bits * w).sum()
+    return acc
+
+
+def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None, what: str = "state") -> None:
+    """All-gather a :func:`bit_checksum` and raise ``RuntimeError`` on every rank if any rank's differs
+    (on NCCL the gather runs on the current CUDA device)."""
+    n = dist.get_world_size(group)
+    sums = [torch.zeros_like(local) for _ in range(n)]
+    if dist.get_backend(group) == "nccl":  # NCCL gathers CUDA tensors only
+        dev = torch.device("cuda", torch.cuda.current_device())
+        dev_sums = [x.to(dev) for x in sums]
+        dist.all_gather(dev_sums, local.to(dev), group=group)
+        sums = [x.cpu() for x in dev_sums]
+    else:
+        dist.all_gather(sums, local, group=group)
+    values = [int(x) for x in sums]
+    if any(v != values[0] for v in values):
+        raise RuntimeError(f"{what} differs across ranks (checksums {values})")

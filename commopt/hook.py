@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from .compressors import Compressor, make_compressor
+from .consistency import bit_checksum
 from .exchange import Exchange, choose_exchange
 from .feedback import Feedback, make_feedback
 
@@ -439,15 +440,8 @@ class CompressionState:
     # -- replicated-state check ------------------------------------------------------------------------
     def replicated_checksum(self) -> Tensor:
         """Bit-level checksum (int64) of the replicated slots of every block, for cross-rank comparison."""
-        acc = torch.zeros((), dtype=torch.int64)
-        for blk in self.blocks().values():
-            for name in self.feedback.shared_slots:
-                if name in blk.slots:
-                    t = blk.slots[name].detach()
-                    bits = t.view(torch.int64) if t.element_size() == 8 else t.view(torch.int32).to(torch.int64)
-                    w = torch.arange(1, bits.numel() + 1, dtype=torch.int64, device=bits.device)
-                    acc = acc + (bits * w).sum().cpu()
-        return acc
+        return bit_checksum([blk.slots[name] for blk in self.blocks().values()
+                             for name in self.feedback.shared_slots if name in blk.slots])
 
 
 def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future:

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..compressors import Compressor
-from ..consistency import build_consistently
+from ..consistency import assert_bitwise_same, bit_checksum, build_consistently
 from ..feedback import Feedback
 from ..outer import OuterExchange, Penalty, make_penalty
 from .wrapper import WrappedOptimizer
@@ -55,18 +55,6 @@ local_gradients_hook.__annotations__ = {"state": object, "bucket": dist.GradBuck
 def _signature(params: list[Tensor]) -> str:
     text = ";".join(f"{tuple(p.shape)}:{p.dtype}" for p in params)
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _checksum(tensors: list[Tensor]) -> Tensor:
-    """Bit-level checksum (int64, on the CPU) of a list of float tensors, for cross-rank comparison."""
-    acc = torch.zeros((), dtype=torch.int64)
-    for t in tensors:
-        t = t.detach().reshape(-1).cpu()
-        bits = t.view(torch.int64) if t.element_size() == 8 else (
-            t.view(torch.int32) if t.element_size() == 4 else t.view(torch.int16)).to(torch.int64)
-        w = torch.arange(1, bits.numel() + 1, dtype=torch.int64)
-        acc = acc * 1000003 + (bits * w).sum()
-    return acc
 
 
 def _number(name: str, value: Any) -> float:
@@ -476,19 +464,10 @@ class CO2(WrappedOptimizer):
 
     def verify_replicated_state(self) -> None:
         """Raise ``RuntimeError`` unless θ, m (and replicated feedback state) are bitwise identical on all ranks."""
-        local = _checksum([self._theta, self._m, *self.exchange.replicated_slots()])
+        local = bit_checksum([self._theta, self._m, *self.exchange.replicated_slots()])
         if not self.use_dist or self.world_size == 1:
             return
-        sums = [torch.zeros_like(local) for _ in range(self.world_size)]
-        if dist.get_backend(self.process_group) == "nccl":
-            dev_sums = [s.to(self._device) for s in sums]
-            dist.all_gather(dev_sums, local.to(self._device), group=self.process_group)
-            sums = [s.cpu() for s in dev_sums]
-        else:
-            dist.all_gather(sums, local, group=self.process_group)
-        values = [int(s) for s in sums]
-        if any(v != values[0] for v in values):
-            raise RuntimeError(f"CO2: anchor/momentum differ across ranks (checksums {values})")
+        assert_bitwise_same(local, self.process_group, what="CO2: anchor/momentum")
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:  # type: ignore[override]

@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..compressors import Compressor
-from ..consistency import build_consistently
+from ..consistency import assert_bitwise_same, build_consistently
 from ..feedback import Feedback
 from ..hook import CompressionState, compression_hook
 from .wrapper import WrappedOptimizer
@@ -139,19 +139,8 @@ class CompressedOptimizer(WrappedOptimizer):
 
     def verify_replicated_state(self) -> None:
         """Raise ``RuntimeError`` unless the replicated state (w, h) is bitwise identical on all ranks."""
-        local = self.hook_state.replicated_checksum()
-        n = dist.get_world_size(self.process_group)
-        sums = [torch.zeros_like(local) for _ in range(n)]
-        if dist.get_backend(self.process_group) == "nccl":  # NCCL gathers CUDA tensors only
-            dev = torch.device("cuda", torch.cuda.current_device())
-            dev_sums = [s.to(dev) for s in sums]
-            dist.all_gather(dev_sums, local.to(dev), group=self.process_group)
-            sums = [s.cpu() for s in dev_sums]
-        else:
-            dist.all_gather(sums, local, group=self.process_group)
-        values = [int(s) for s in sums]
-        if any(v != values[0] for v in values):
-            raise RuntimeError(f"replicated error-feedback state differs across ranks (checksums {values})")
+        assert_bitwise_same(self.hook_state.replicated_checksum(), self.process_group,
+                            what="replicated error-feedback state")
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """The inner optimizer's state plus **this rank's** feedback state and step count: save one file per rank."""

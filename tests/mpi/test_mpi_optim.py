@@ -255,3 +255,23 @@ def test_overflowing_warmup_is_extended_until_a_dense_round_succeeds(world):
     w_total = sum(float(s["w"].abs().sum()) for s in state_after_3.values())
     assert w_total > 0 and abs(w_total - float(flat.abs().sum())) < 1e-5 * max(1.0, w_total)
     assert all_ranks_true(not differing_replicated(opt))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_verify_replicated_state_catches_a_single_flipped_bit_on_one_rank(world):
+    r, n = world.rank, world.size
+    model, ddp = make_mlp_ddp()
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=0.01),
+                                      compressor="topk:0.05", feedback="econtrol")
+    for t in range(4):
+        x, y = batch(r, t)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+    opt.verify_replicated_state()  # identical so far
+    if r == n - 1:
+        h = opt.hook_state.blocks()[0].slots["h"]
+        h.view(torch.int32)[0] ^= 1  # one bit of the replicated estimator
+    with pytest.raises(RuntimeError, match="differs across ranks"):
+        opt.verify_replicated_state()
