@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from typing import Iterable
 
 import torch
@@ -110,3 +111,11 @@ def train_step(ddp, opt, x, y) -> torch.Tensor:
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def roundtrip(obj):
+    """``obj`` through ``torch.save`` / ``torch.load`` in memory, as a checkpoint file would carry it."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)

@@ -4,7 +4,6 @@ configuration errors raised on every rank (SPEC §7)."""
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
 from commopt.optim.mkor import MKOR
-from mpi_helpers import MLP, all_ranks_true, batch, make_mlp_ddp, same_on_all_ranks
+from mpi_helpers import MLP, all_ranks_true, batch, make_mlp_ddp, roundtrip, same_on_all_ranks
 
 F64 = torch.float64
 SIZES = (32, 16, 16, 8)
@@ -154,13 +153,6 @@ def test_composes_with_compressed_optimizer_in_either_nesting(world):
     assert all_ranks_true(same), f"rank {r}: the two nestings differ"
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60, method="thread")
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -190,7 +182,7 @@ def test_checkpoint_resume_is_identical(world, hybrid):
 
     model, ddp, opt = build()
     run(model, ddp, opt, range(7))
-    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     run(model, ddp, opt, range(7, 14))
     model2, ddp2, opt2 = build()
     model2.load_state_dict(ckpt["model"])

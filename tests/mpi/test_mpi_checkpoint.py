@@ -3,7 +3,6 @@ tests/test_checkpoint.py): resume equals continuing, and a refused load changes 
 
 from __future__ import annotations
 
-import io
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
-from mpi_helpers import MLP, all_ranks_true, all_slots, batch, bits, train_step
+from mpi_helpers import MLP, all_ranks_true, all_slots, batch, bits, roundtrip, train_step
 
 
 def _build(comp: str, rule: str):
@@ -23,13 +22,6 @@ def _build(comp: str, rule: str):
     return model, ddp, opt
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=False)
-
-
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60, method="thread")
 @pytest.mark.parametrize("comp,rule", [("topk:0.05", "econtrol"), ("randk:0.05", "ef21sgdm"), ("topk:0.05", "ef14")])
@@ -38,7 +30,7 @@ def test_resume_equals_continuing(world, comp, rule):
     model, ddp, opt = _build(comp, rule)
     for t in range(10):
         train_step(ddp, opt, *batch(r, t))
-    ckpt = _roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
     for t in range(10, 20):
         train_step(ddp, opt, *batch(r, t))
     model2, ddp2, opt2 = _build(comp, rule)
@@ -80,7 +72,7 @@ def test_refused_load_leaves_the_optimizer_unchanged(world, wrong):
     model, ddp, opt = _build("topk:0.05", "econtrol")
     for t in range(6):
         train_step(ddp, opt, *batch(r, t))
-    sd = _roundtrip(opt.state_dict())
+    sd = roundtrip(opt.state_dict())
     for t in range(6, 9):  # the live state moves on from the checkpoint
         train_step(ddp, opt, *batch(r, t))
     if wrong == "rank":
