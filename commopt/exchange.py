@@ -41,7 +41,7 @@ def allgather_bytes(numel: int, itemsize: int, n: int) -> float:
 
 def index_dtype(value_dtype: torch.dtype) -> torch.dtype:
     """Integer type for indices packed beside values: int32, or int64 beside 8-byte values."""
-    return torch.int64 if torch.empty((), dtype=value_dtype).element_size() == 8 else torch.int32
+    return torch.int64 if value_dtype.itemsize == 8 else torch.int32
 
 
 def choose_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
@@ -97,12 +97,12 @@ class Exchange:
 
     def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype) -> float:
         """Bytes this rank receives for one message of the given kind (SPEC §3 formulas)."""
-        s = torch.empty((), dtype=value_dtype).element_size()
+        s = value_dtype.itemsize
         if kind == "dense":
             return ring_allreduce_bytes(d, s, self.n)
         if kind == "shared":
             return ring_allreduce_bytes(k, s, self.n)
         if kind == "gather":
-            s_idx = torch.empty((), dtype=index_dtype(value_dtype)).element_size()
+            s_idx = index_dtype(value_dtype).itemsize
             return allgather_bytes(k, s + s_idx, self.n)
         raise ValueError(f"unknown exchange {kind!r}")

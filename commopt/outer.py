@@ -174,10 +174,6 @@ def make_penalty(spec: "Penalty | float | str | None") -> Penalty:
 # the outer exchange
 # ----------------------------------------------------------------------------------------------
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
 class OuterExchange:
     """One flat pseudo-gradient per round, averaged over ranks in the background.
 
@@ -261,7 +257,7 @@ class OuterExchange:
         out = {"send_buffer": self.buffer.numel() * self.buffer.element_size()}
         if self.feedback is not None:
             names = self.feedback.local_slots + self.feedback.shared_slots
-            out["feedback_state"] = len(names) * self.numel * _itemsize(self.state_dtype)
+            out["feedback_state"] = len(names) * self.numel * self.state_dtype.itemsize
         return out
 
     # -- launching ------------------------------------------------------------------------------------
@@ -269,7 +265,7 @@ class OuterExchange:
         st = self.stats
         st["launches"] += 1
         st["bytes_sent"] += nbytes
-        st["bytes_dense"] += ring_allreduce_bytes(self.numel, _itemsize(self.state_dtype), self.n)
+        st["bytes_dense"] += ring_allreduce_bytes(self.numel, self.state_dtype.itemsize, self.n)
         st["collectives"][kind] = st["collectives"].get(kind, 0) + 1
 
     def launch(self, round_index: int) -> None:
@@ -290,7 +286,7 @@ class OuterExchange:
 
     def _launch(self, round_index: int) -> None:
         if self.compressor is None:
-            self._count("dense", ring_allreduce_bytes(self.numel, _itemsize(self.wire_dtype), self.n))
+            self._count("dense", ring_allreduce_bytes(self.numel, self.wire_dtype.itemsize, self.n))
             self.stats["dense_rounds"] += 1
             self._pending = {"kind": "dense"}
             self._work = dist.all_reduce(self.buffer, group=self.group, async_op=True) if self.use_dist else None
@@ -302,7 +298,7 @@ class OuterExchange:
         if names and not self.slots:
             # SPEC §2 initialisation: one uncompressed round; the state starts from it
             send = g.to(self.wire_dtype, copy=True)
-            self._count("dense", ring_allreduce_bytes(self.numel, _itemsize(self.wire_dtype), self.n))
+            self._count("dense", ring_allreduce_bytes(self.numel, self.wire_dtype.itemsize, self.n))
             self.stats["dense_rounds"] += 1
             self._pending = {"kind": "init", "g": g, "send": send}
             self._work = dist.all_reduce(send, group=self.group, async_op=True) if self.use_dist else None
@@ -338,7 +334,7 @@ class OuterExchange:
         if self.pending:
             raise RuntimeError("OuterExchange: an exchange is still pending; wait() for it first")
         send = self.buffer
-        self._count("dense", ring_allreduce_bytes(self.numel, _itemsize(send.dtype), self.n))
+        self._count("dense", ring_allreduce_bytes(self.numel, send.dtype.itemsize, self.n))
         self.stats["dense_rounds"] += 1
         self._launched_at = time.perf_counter()
         self._pending = {"kind": "dense"}

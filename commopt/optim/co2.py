@@ -446,7 +446,7 @@ class CO2(WrappedOptimizer):
 
     def memory_bytes(self) -> dict:
         """Extra persistent bytes CO2 holds on this rank, by buffer."""
-        isz = torch.empty((), dtype=self._sdt).element_size()
+        isz = self._sdt.itemsize
         out = {"anchor": self._theta.numel() * isz, "momentum": self._m.numel() * isz,
                "start": self._s.numel() * isz if self._s is not None else 0, **self.exchange.memory_bytes()}
         out["total"] = sum(out.values())
