@@ -3,7 +3,15 @@
 LR schedulers, ``zero_grad`` and the optimizer hooks act on the wrapper and
 reach the inner optimizer, because ``param_groups`` and ``state`` *are* the
 inner optimizer's (not copies). Subclasses add what happens around the inner
-``step`` and extend ``state_dict``.
+``step`` and their own checkpoint state.
+
+Checkpoints have torch.optim's shape: ``state_dict()`` is the inner optimizer's
+``{"state": ..., "param_groups": ...}`` with the wrapper's own state nested under
+one extra key (:attr:`WrappedOptimizer.state_key`, e.g. ``"commopt"``), and the
+optimizer state-dict hooks (``register_state_dict_pre_hook`` and friends) run
+around it as in torch. Loading is atomic: the subclass validates its own part
+first, the inner optimizer is restored to its old state if its load fails, and
+only then is the wrapper's part applied.
 """
 
 from __future__ import annotations
@@ -19,6 +27,9 @@ __all__ = ["WrappedOptimizer"]
 
 class WrappedOptimizer(Optimizer):
     """Base class of commopt's optimizers: a drop-in ``Optimizer`` around ``optimizer``."""
+
+    #: the key under which the wrapper's own state sits beside ``state`` and ``param_groups``
+    state_key: str = "commopt"
 
     def __init__(self, optimizer: Optimizer) -> None:  # noqa: D107 - Optimizer.__init__ would copy the groups
         if not isinstance(optimizer, Optimizer):
@@ -53,6 +64,75 @@ class WrappedOptimizer(Optimizer):
 
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
         return self.optimizer.step(closure)
+
+    # -- checkpoints in torch.optim's shape ---------------------------------------------------------
+    def _own_state_dict(self) -> dict:
+        """The wrapper's own state (nested under :attr:`state_key`). Subclasses override."""
+        return {}
+
+    def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
+        """Load ``inner`` (torch.optim's part) and ``own`` (None when the checkpoint has none).
+
+        Subclasses override; they validate ``own`` first, then call
+        :meth:`_load_inner_atomically`, then apply ``own`` (which must not fail any more)."""
+        self._load_inner_atomically(inner)
+
+    def _split_legacy(self, sd: dict) -> Optional[tuple[dict, Optional[dict]]]:
+        """Translate an older checkpoint layout to (inner, own), or None if ``sd`` is not one. Subclasses override."""
+        return None
+
+    def _load_inner_atomically(self, inner: dict) -> None:
+        """``self.optimizer.load_state_dict(inner)``; if it raises, the inner optimizer keeps its old state."""
+        old_state, old_groups = self.optimizer.state, self.optimizer.param_groups
+        old_group_items = [dict(g) for g in old_groups]
+        try:
+            self.optimizer.load_state_dict(inner)
+        except BaseException:
+            self.optimizer.__setstate__({"state": old_state, "param_groups": old_groups})
+            for g, items in zip(old_groups, old_group_items):
+                g.clear()
+                g.update(items)
+            raise
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """torch.optim's ``{"state", "param_groups"}`` of the inner optimizer plus the wrapper's own state
+        under :attr:`state_key`; the optimizer state-dict pre/post hooks run as in torch."""
+        for pre in self._optimizer_state_dict_pre_hooks.values():
+            pre(self)
+        sd = dict(self.optimizer.state_dict())
+        sd[self.state_key] = self._own_state_dict()
+        for post in self._optimizer_state_dict_post_hooks.values():
+            out = post(self, sd)
+            if out is not None:
+                sd = out
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore from :meth:`state_dict` (the optimizer load-state-dict pre/post hooks run as in torch).
+
+        A dict without :attr:`state_key` (a plain optimizer's checkpoint, or one that went through
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps only
+        ``state`` and ``param_groups``) loads the inner optimizer; what the subclass then does with
+        its own state is documented there."""
+        if not isinstance(state_dict, dict):
+            raise ValueError(f"{type(self).__name__}.load_state_dict expects a dict, got {type(state_dict).__name__}")
+        sd = dict(state_dict)
+        for pre in self._optimizer_load_state_dict_pre_hooks.values():
+            out = pre(self, sd)
+            if out is not None:
+                sd = out
+        legacy = self._split_legacy(sd)
+        if legacy is not None:
+            inner, own = legacy
+        else:
+            if "state" not in sd or "param_groups" not in sd:
+                raise ValueError(f"not an optimizer state_dict: expected keys 'state' and 'param_groups' "
+                                 f"(and {self.state_key!r}), got {sorted(map(str, sd))}")
+            own = sd.pop(self.state_key, None)
+            inner = sd
+        self._load_state_dicts(inner, own)
+        for post in self._optimizer_load_state_dict_post_hooks.values():
+            post(self)
 
     def __getstate__(self) -> dict:
         return self.__dict__
