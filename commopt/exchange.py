@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
-__all__ = ["Exchange", "choose_exchange", "ring_allreduce_bytes", "allgather_bytes"]
+__all__ = ["Exchange", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -53,24 +53,59 @@ def choose_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
     return "gather" if k * n < d else "dense"
 
 
+def ordered_sum(messages: "list[tuple[Tensor, Tensor]]", d: int, out_dtype: torch.dtype,
+                device: Optional[torch.device] = None) -> Tensor:
+    """Σ_r of the sparse messages (idx_r, vals_r) as a dense vector, added in rank order (bitwise the same
+    result wherever it is computed: the all-gather's callback on every rank, and the simulation)."""
+    dev = device if device is not None else messages[0][1].device
+    out = torch.zeros(d, dtype=out_dtype, device=dev)
+    for idx, vals in messages:
+        out.index_add_(0, idx, vals.to(out_dtype))
+    return out
+
+
+def _hold(tensors: "list[Tensor]") -> None:
+    # CUDA: tensors made on the launching stream are read by the callback's stream (see round.hold_on_current_stream)
+    from .round import hold_on_current_stream
+    hold_on_current_stream(tensors)
+
+
 class Exchange:
-    """The three collectives over one process group."""
+    """The three collectives over one process group. Every callback takes its collective's result from
+    the future (``value()``), so a failed collective raises in the future DDP and the caller wait on."""
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
         self.group = group
         self.n = dist.get_world_size(group)
 
+    def send(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
+        """Move one fixed-size message by the exchange ``kind``; a future of Σ_ranks as a dense vector."""
+        if kind == "gather":
+            return self.gather(idx, vals, d, out_dtype)
+        if kind == "shared":
+            return self.shared(idx, vals, d, out_dtype)
+        if kind == "dense":
+            return self.dense(torch.zeros(d, dtype=vals.dtype, device=vals.device).index_put_((idx,), vals))
+        raise ValueError(f"unknown exchange {kind!r}")
+
     def dense(self, x: Tensor) -> Future:
         """All-reduce (sum) of x in place; the future holds x."""
         work = dist.all_reduce(x, group=self.group, async_op=True)
-        return work.get_future().then(lambda _: x)
+
+        def result(f: Future) -> Tensor:
+            f.value()  # re-raises a failed all-reduce
+            return x
+
+        return work.get_future().then(result)
 
     def shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
         """All-reduce of values at indices that are the same on every rank; dense sum."""
         buf = vals.contiguous().clone()
         work = dist.all_reduce(buf, group=self.group, async_op=True)
 
-        def densify(_: Future) -> Tensor:
+        def densify(f: Future) -> Tensor:
+            f.value()  # re-raises a failed all-reduce
+            _hold([idx, buf])
             return torch.zeros(d, dtype=out_dtype, device=buf.device).index_put_((idx,), buf.to(out_dtype))
 
         return work.get_future().then(densify)
@@ -78,22 +113,22 @@ class Exchange:
     def gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
         """All-gather of fixed-size (values, indices) in one buffer; ordered sum over ranks."""
         k = vals.numel()
-        packed_idx = idx.to(index_dtype(vals.dtype)).view(vals.dtype)
+        idt = index_dtype(vals.dtype)
+        packed_idx = idx.to(idt).view(vals.dtype)
         send = torch.cat([vals.reshape(-1), packed_idx])
         width = send.numel()
         recv = torch.empty(self.n * width, dtype=send.dtype, device=send.device)
         work = _all_gather_single(recv, send, group=self.group, async_op=True)
-        idt = index_dtype(vals.dtype)
 
-        def ordered_sum(_: Future) -> Tensor:
+        def summed(f: Future) -> Tensor:
+            f.value()  # re-raises a failed all-gather
+            _hold([recv, send])
             rows = recv.view(self.n, width)
-            out = torch.zeros(d, dtype=out_dtype, device=recv.device)
-            for r in range(self.n):  # rank order: bitwise the same sum on every rank
-                ridx = rows[r, k:].clone().view(idt)  # clone: a fresh storage offset for the view
-                out.index_add_(0, ridx, rows[r, :k].to(out_dtype))
-            return out
+            # clone: a fresh storage offset for the index view
+            msgs = [(rows[r, k:].clone().view(idt), rows[r, :k]) for r in range(self.n)]
+            return ordered_sum(msgs, d, out_dtype, recv.device)
 
-        return work.get_future().then(ordered_sum)
+        return work.get_future().then(summed)
 
     def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype) -> float:
         """Bytes this rank receives for one message of the given kind (SPEC §3 formulas)."""

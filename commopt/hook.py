@@ -38,6 +38,7 @@ from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
 from .exchange import Exchange, choose_exchange
 from .feedback import Feedback, make_feedback
+from .round import compress, conclude, dense_start, finite, hold_on_current_stream, unscaled, write_estimate
 
 __all__ = ["CompressionState", "compression_hook"]
 
@@ -47,11 +48,6 @@ STATE_VERSION = 1
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Feedback state dtype: the gradient's, but never below float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _finite(x: Tensor) -> Tensor:
-    """0-d bool: x holds no inf/NaN (one cheap reduction, no sync; a sum that overflows counts as non-finite)."""
-    return torch.isfinite(x.sum())
 
 
 def _stable_key(param_ids: Iterable[int]) -> int:
@@ -113,12 +109,21 @@ class CompressionState:
         warmup_steps: int = 2,
         model: Optional[torch.nn.Module] = None,
         grad_scaler: Any = None,
+        commit: str = "step",
+        track_unused: bool = False,
     ) -> None:
         self.compressor = make_compressor(compressor)
         self.feedback = make_feedback(feedback)
         self.feedback.check_compressor(self.compressor)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        if commit not in ("step", "block"):
+            raise ValueError(f"commit must be 'step' (atomic per step) or 'block' (less memory), got {commit!r}")
+        if not isinstance(track_unused, bool):
+            raise ValueError(f"track_unused must be True or False, got {track_unused!r}")
+        if track_unused and model is None:
+            raise ValueError("track_unused=True needs model= (the module DDP wraps) to watch its parameters")
+        _refuse_python_reducer()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call commopt.init_distributed() first")
         self.process_group = process_group
@@ -145,15 +150,60 @@ class CompressionState:
         self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
                       "compressed_rounds": 0, "collectives": {}}
+        self.commit = commit
+        # parameters this rank used since the last synchronised step (None: not tracked, all count as used)
+        self.track_unused = track_unused
+        self._used: Optional[set[int]] = set() if track_unused else None
+        self._used_handles: list = []
+        if track_unused:
+            for p in model.parameters():  # type: ignore[union-attr]
+                if p.requires_grad:
+                    self._used_handles.append(p.register_hook(self._marker(self._param_ids[id(p)])))
+
+    def _marker(self, pid: int):
+        used = self._used
+
+        def mark(grad: Tensor) -> None:
+            used.add(pid)  # type: ignore[union-attr]  # host-side bookkeeping only: no sync
+
+        return mark
+
+    def used_mask(self, blk: Block, device: torch.device) -> Optional[Tensor]:
+        """bool [d] of the block's coordinates whose parameter this rank used since the last synchronised
+        step, or None when all were (or nothing is tracked). Built on the host's knowledge: no sync."""
+        if self._used is None:
+            return None
+        unused = [(off, n) for pid, off, n in zip(blk.pids, blk.offsets(), blk.numels) if pid not in self._used]
+        if not unused:
+            return None
+        mask = torch.ones(blk.d, dtype=torch.bool, device=device)
+        for off, n in unused:
+            mask.narrow(0, off, n).fill_(False)
+        return mask
+
+    def bind_grad_scaler(self, scaler: Any) -> None:
+        """Use ``scaler``'s scale from now on (see :meth:`commopt.CompressedOptimizer.step`, which binds a
+        ``torch.amp.GradScaler`` that steps it). State already built under the scaler's current scale is
+        converted to unscaled units, so it is not mixed with later steps' units."""
+        if scaler is self.grad_scaler:
+            return
+        self.grad_scaler = scaler
+        s = self._scale()
+        if s is None:
+            return
+        for blk in {id(b): b for b, _ in self._block_of.values()}.values():
+            for t in blk.slots.values():
+                t.div_(s.to(device=t.device, dtype=t.dtype))
 
     # -- pickling: drop the process group (like PyTorch's PowerSGDState) ------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("process_group", "exchange")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("process_group", "exchange", "_used_handles")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.process_group = None
         self.exchange = Exchange(None)
+        self._used_handles = []
 
     # -- configuration ----------------------------------------------------------------------------
     def config(self) -> dict:
@@ -258,7 +308,7 @@ class CompressionState:
                 parts[n].append(blk.slots[n][off:off + numel].to(device=buf.device, dtype=sdt))
         return {n: torch.cat(v) for n, v in parts.items()}
 
-    # -- the two kinds of round (one block each) -----------------------------------------------------
+    # -- the two kinds of round (one block each); the math is in round.py ---------------------------
     def _scale(self) -> Optional[Tensor]:
         s = getattr(self.grad_scaler, "_scale", None) if self.grad_scaler is not None else None
         if s is None or (hasattr(self.grad_scaler, "is_enabled") and not self.grad_scaler.is_enabled()):
@@ -276,76 +326,65 @@ class CompressionState:
         n, sdt = self.world_size, _state_dtype(g_in.dtype)
         scale = self._scale()
         names = self.slot_names
-        g = g_in.to(sdt, copy=True)
-        if scale is not None:
-            g.div_(scale.to(sdt))
+        g = unscaled(g_in.clone() if g_in.dtype == sdt and scale is None else g_in, scale, sdt)
         if names and not blk.slots:
             blk.slots = {name: torch.zeros_like(g) for name in names}
         self._count("dense", self.exchange.message_bytes("dense", blk.d, blk.d, g_in.dtype), blk.d, g_in.dtype)
         self.stats["dense_rounds"] += 1
 
         def finish(fut: Future) -> Tensor:
-            total = fut.value()
-            mean = total.to(sdt) / n
-            if scale is not None:
-                mean.div_(scale.to(sdt))
-            ok = _finite(mean)
-            if names:
-                self._pending.append((blk, ok, self.feedback.init(g, mean)))
+            total = fut.value()  # re-raises a failed all-reduce
+            hold_on_current_stream([g])
+            new, ok, _ = dense_start(self.feedback, g, unscaled(total, scale, sdt), n)
+            self._stage(blk, ok, new if names else {})
             return total.div_(n)
 
         return self.exchange.dense(g_in).then(finish)
 
-    def compressed_round(self, blk: Block, g_in: Tensor) -> Future:
-        """Compress with feedback, exchange a fixed-size message; the new state waits for the step's commit."""
+    def compressed_round(self, blk: Block, g_in: Tensor, used: Optional[Tensor] = None) -> Future:
+        """Compress with feedback and exchange a fixed-size message (:func:`commopt.round.compress`);
+        the averaged estimate goes back into ``g_in`` and the new state is staged for the commit."""
         n, sdt = self.world_size, _state_dtype(g_in.dtype)
         scale = self._scale()
-        g = g_in.to(sdt)
-        if scale is not None:
-            g = g / scale.to(sdt)
-        p, pending = self.feedback.prepare(blk.slots, g, blk.k / blk.d)
-        idx = self._select(blk, p)
-        vals = self.compressor.values(p, idx).to(g_in.dtype)
-        # a non-finite local gradient poisons the message, so every rank sees it and skips
-        vals = torch.where(_finite(g), vals, torch.full_like(vals, float("nan")))
-        if blk.exchange == "gather":
-            fut = self.exchange.gather(idx, vals, blk.d, sdt)
-        elif blk.exchange == "shared":
-            fut = self.exchange.shared(idx, vals, blk.d, sdt)
-        else:
-            dense = torch.zeros(blk.d, dtype=g_in.dtype, device=g_in.device).index_put_((idx,), vals)
-            fut = self.exchange.dense(dense)
+        fb = self.feedback
+        out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), blk.k, self.step, blk.key,
+                       wire_dtype=g_in.dtype, canon=blk.canon, used=used)
+        fut = self.exchange.send(blk.exchange, out.idx, out.vals, blk.d, sdt)
         self._count(blk.exchange, self.exchange.message_bytes(blk.exchange, blk.k, blk.d, g_in.dtype),
                     blk.d, g_in.dtype)
         self.stats["compressed_rounds"] += 1
-        fb = self.feedback
 
         def finish(f: Future) -> Tensor:
-            mean = f.value().to(sdt).div_(n)  # the exchange's own result tensor
-            ok = _finite(mean)
-            new = fb.update(blk.slots, g, p, pending, idx, vals, mean)
-            if new:
-                self._pending.append((blk, ok, new))
-            if scale is None and g_in.dtype == sdt:
-                return torch.where(ok, fb.estimate(new, mean), mean, out=g_in)
-            est = torch.where(ok, fb.estimate(new, mean), mean)
-            if scale is not None:
-                est = est * scale.to(sdt)
-            g_in.copy_(est)
-            return g_in
+            total = f.value()  # the exchange's own result tensor; re-raises a failed collective
+            hold_on_current_stream(out.tensors())
+            new, ok, est, mean = conclude(fb, blk.slots, out, total, n)
+            self._stage(blk, ok, new)
+            return write_estimate(est, ok, mean, scale, g_in)
 
         return fut.then(finish)
 
-    def _select(self, blk: Block, p: Tensor) -> Tensor:
-        idx = self.compressor.select(p, blk.k, self.step, blk.key)
-        if not self.compressor.shared_indices or blk.canon is None:
-            return idx
-        canon, blk_starts = blk.canon  # shared indices are drawn in parameter order
-        j = torch.searchsorted(canon, idx, right=True) - 1
-        return blk_starts[j] + (idx - canon[j])
+    def _stage(self, blk: Block, ok: Tensor, new: dict[str, Tensor]) -> None:
+        """Keep a block's new state for the step's commit (``commit="step"``), or apply it now where ``ok``
+        (``commit="block"``: at most one block's old and new state coexist)."""
+        if self.commit == "block" and new:
+            self._apply(blk, ok, new)
+            new = {}
+        self._pending.append((blk, ok, new))
+
+    @staticmethod
+    def _apply(blk: Block, ok: Tensor, new: dict[str, Tensor]) -> None:
+        if ok.device.type == "cpu":
+            if bool(ok):  # on the CPU reading the flag costs nothing: adopt the new tensors, no copies
+                blk.slots.update(new)
+            return
+        hold_on_current_stream(list(new.values()))
+        for name, value in new.items():  # accelerators: select on the device, never synchronise
+            old = blk.slots[name]
+            torch.where(ok, value, old, out=old)
 
     def _commit(self) -> None:
-        """Apply the step's new states, only if every block's average was finite (on every rank alike)."""
+        """End of step: apply the staged states only if every block's average was finite (on every rank
+        alike); count the step as skipped otherwise. With ``commit="block"`` the states are already applied."""
         pending, self._pending = self._pending, []
         if not pending:
             return
@@ -355,16 +394,9 @@ class CompressionState:
         if self._skipped.device != ok.device:
             self._skipped = self._skipped.to(ok.device)
         self._skipped += ~ok
-        if ok.device.type == "cpu":
-            # on the CPU reading the flag costs nothing: adopt the new tensors, no copies
-            if bool(ok):
-                for blk, _, new in pending:
-                    blk.slots.update(new)
-            return
-        for blk, _, new in pending:  # accelerators: select on the device, never synchronise
-            for name, value in new.items():
-                old = blk.slots[name]
-                torch.where(ok, value, old, out=old)
+        for blk, _, new in pending:
+            if new:
+                self._apply(blk, ok, new)
 
     def _extend_warmup_if_it_overflowed(self) -> None:
         """Keep rounds dense while the last dense round was skipped (non-finite), so that the feedback
@@ -382,60 +414,186 @@ class CompressionState:
 
     # -- checkpoints -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """This rank's state per parameter, plus the block partition (independent of the bucket layout)."""
+        """This rank's state per parameter, plus the block partition (independent of the bucket layout),
+        the step count and the communication counters (``stats``, ``skipped_rounds``).
+
+        Reads the skipped-round counter (a synchronisation on accelerators): call it outside the hook."""
         params = {}
         for pid, (blk, off) in self._block_of.items():
             if blk.slots:
                 numel = blk.numels[blk.pids.index(pid)]
                 params[pid] = {name: blk.slots[name][off:off + numel].detach().clone() for name in self.slot_names}
         blocks = [list(b.pids) for b in self.blocks().values()]
+        stats = {k: dict(v) if isinstance(v, dict) else v for k, v in self.stats.items()}
         return {"version": STATE_VERSION, "rank": self.rank, "step": self.step, "dense_until": self.dense_until,
                 **self.config(), "blocks": blocks, "params": params,
-                "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()}}
+                "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()},
+                "stats": stats, "skipped_rounds": int(self._skipped)}
 
-    def load_state_dict(self, sd: dict, on_world_size_change: str = "error") -> None:
-        """Restore this rank's state; see :meth:`commopt.CompressedOptimizer.load_state_dict`.
+    def load_state_dict(self, sd: Optional[dict], on_world_size_change: str = "error") -> None:
+        """Restore from :meth:`state_dict`. **Every rank** of the process group must call it: one
+        ``all_gather_object`` of each rank's verdict makes the same decision on every rank.
 
-        Everything is checked before anything changes: a refused checkpoint leaves the run as it was."""
-        if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
-            raise ValueError(f"not a commopt compression state (version {sd.get('version') if isinstance(sd, dict) else '?'})")
-        mine = self.config()
-        for key in ("compressor", "feedback"):
-            if sd[key] != mine[key]:
-                raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {mine[key]}")
-        reset = sd["world_size"] != self.world_size
-        if reset and on_world_size_change != "reset":
-            raise ValueError(
-                f"checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
-                "error-feedback state is per rank and cannot be mapped; pass on_world_size_change='reset' "
-                "to restart it with a dense round")
-        if not reset and sd["rank"] != self.rank:
-            raise ValueError(f"checkpoint holds rank {sd['rank']}'s state, this is rank {self.rank}: "
-                             "load each rank's own file")
-        numels = {int(pid): int(n) for pid, n in sd["numels"].items()}
-        params = {int(pid): slots for pid, slots in sd["params"].items()}
-        for pids in sd["blocks"]:
-            if any(int(pid) not in numels for pid in pids):
-                raise ValueError("checkpoint is inconsistent: a block names a parameter without a size")
-        # -- accepted: replace the state --
+        - Each rank loads its own file (same world size): exact; the run continues bitwise as the
+          uninterrupted one.
+        - Every rank loads the same rank's file (a checkpoint saved on one rank only): the step count,
+          block partition and counters are taken from it; the per-rank feedback state of the other
+          ranks cannot be reconstructed, so on every rank the feedback state restarts with dense
+          all-reduce rounds (SPEC §2 initialisation; one warning says what was reset).
+        - Another world size: ``ValueError``, or with ``on_world_size_change="reset"`` a restart as above.
+        - ``sd=None`` (no saved commopt state): a restart as above, at the current step.
+
+        A checkpoint refused on any rank (another compressor or feedback rule, a malformed state, ranks
+        that swapped files or saved at different steps) raises ``ValueError`` on every rank, naming the
+        rank(s) and the reason, and changes nothing on any rank."""
+        verdict = self._check_load(sd, on_world_size_change)
+        decision = self._agree_on_load(verdict, what="CompressionState.load_state_dict")
+        if decision["refused"] is not None:
+            raise ValueError(decision["refused"])
+        self._apply_load(sd, decision["reset"])
+
+    def _check_load(self, sd: Optional[dict], on_world_size_change: str = "error") -> dict:
+        """This rank's verdict on ``sd`` for :meth:`_agree_on_load`; changes nothing and raises nothing.
+
+        ``{"rank", "error": why this rank refuses it or None, "saved_rank": the rank whose state it
+        holds (None when that does not matter), "reset": why the feedback state must restart or None,
+        "same": values that must be equal on every rank (the step the run resumes at)}``."""
+        verdict: dict = {"rank": self.rank, "error": None, "saved_rank": None, "reset": None,
+                         "same": {"step": self.step}}
+        if sd is None:
+            verdict["reset"] = (
+                "the checkpoint holds no commopt state (a plain optimizer's state_dict, or one that went through "
+                "torch.distributed.checkpoint's get_optimizer_state_dict / set_optimizer_state_dict, which keep "
+                "only 'state' and 'param_groups')")
+            return verdict
+        try:
+            if not isinstance(sd, dict) or sd.get("version") != STATE_VERSION:
+                raise ValueError("not a commopt compression state (version "
+                                 f"{sd.get('version') if isinstance(sd, dict) else '?'})")
+            mine = self.config()
+            for key in ("compressor", "feedback"):
+                if sd[key] != mine[key]:
+                    raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {mine[key]}")
+            if on_world_size_change not in ("error", "reset"):
+                raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
+            if sd["world_size"] != self.world_size:
+                if on_world_size_change != "reset":
+                    raise ValueError(
+                        f"checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
+                        "error-feedback state is per rank and cannot be mapped; pass on_world_size_change='reset' "
+                        "to restart it with dense rounds")
+                verdict["reset"] = (f"the checkpoint was saved with world size {sd['world_size']} and this run has "
+                                    f"{self.world_size} (on_world_size_change='reset')")
+            else:
+                verdict["saved_rank"] = int(sd["rank"])
+            numels = {int(pid): int(n) for pid, n in sd["numels"].items()}
+            seen: set[int] = set()
+            for pids in sd["blocks"]:
+                for pid in map(int, pids):
+                    if pid not in numels:
+                        raise ValueError("checkpoint is inconsistent: a block names a parameter without a size")
+                    if pid in seen:
+                        raise ValueError(f"checkpoint is inconsistent: parameter {pid} is in two blocks")
+                    seen.add(pid)
+            for pid, slots in sd["params"].items():
+                pid = int(pid)
+                if pid not in numels or sorted(slots) != sorted(self.slot_names):
+                    raise ValueError(f"checkpoint is inconsistent: parameter {pid}'s state has slots "
+                                     f"{sorted(slots)}, expected {sorted(self.slot_names)}")
+                if any(not isinstance(t, Tensor) or t.numel() != numels[pid] for t in slots.values()):
+                    raise ValueError(f"checkpoint is inconsistent: parameter {pid}'s state is not "
+                                     f"{numels[pid]} values per slot")
+            if not isinstance(sd.get("stats", {}), dict):
+                raise ValueError("checkpoint is inconsistent: 'stats' is not a dict")
+            for key in ("skipped_rounds", "dense_until"):
+                int(sd.get(key, 0))
+            verdict["same"]["step"] = int(sd["step"])
+        except Exception as exc:  # noqa: BLE001 - reported to every rank by _agree_on_load
+            verdict["error"] = str(exc) if isinstance(exc, ValueError) else \
+                f"malformed commopt state ({type(exc).__name__}: {exc})"
+        return verdict
+
+    def _agree_on_load(self, verdict: dict, what: str) -> dict:
+        """All-gather every rank's :meth:`_check_load` verdict (a collective: every rank must call it) and
+        decide the same on every rank: ``{"refused": the message to raise or None, "reset": why the feedback
+        state restarts with dense rounds (on every rank) or None (exact restore)}``.
+
+        Refused when any rank refused; when the ranks hold a mix of files that is neither each rank's own
+        nor one rank's on every rank; when they would resume at different points (``verdict["same"]``)."""
+        from .consistency import _differences
+
+        gathered: list = [None] * self.world_size
+        dist.all_gather_object(gathered, verdict, group=self.process_group)
+        unchanged = "nothing was changed on any rank"
+        errors: dict[str, list[int]] = {}
+        for r, v in enumerate(gathered):
+            if v["error"] is not None:
+                errors.setdefault(v["error"], []).append(r)
+        if errors:
+            why = "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}: {msg}"
+                            for msg, rs in errors.items())
+            return {"refused": f"{what} refused the checkpoint ({unchanged}): {why}", "reset": None}
+        reset = next((v["reset"] for v in gathered if v["reset"] is not None), None)
+        if reset is None:
+            saved = [v["saved_rank"] for v in gathered]
+            if any(s != r for r, s in enumerate(saved)) and len(set(saved)) == 1:
+                reset = (f"every rank loaded rank {saved[0]}'s checkpoint (saved on one rank only), and the "
+                         "other ranks' error-feedback state cannot be reconstructed from it")
+            elif any(s != r for r, s in enumerate(saved)):
+                pairs = ", ".join(f"rank {r} holds rank {s}'s" for r, s in enumerate(saved) if s != r)
+                return {"refused": f"{what} refused the checkpoint ({unchanged}): {pairs} state; load each rank's "
+                                   "own file, or one rank's file on every rank (the feedback state then restarts "
+                                   "with dense rounds)", "reset": None}
+        diffs = _differences([v["same"] for v in gathered])
+        if diffs:
+            return {"refused": f"{what} refused the checkpoint ({unchanged}): the ranks would resume at different "
+                               f"points ({'; '.join(diffs)}); load checkpoints saved at the same step",
+                    "reset": None}
+        return {"refused": None, "reset": reset}
+
+    def _apply_load(self, sd: Optional[dict], reset: Optional[str]) -> None:
+        """Replace the state with ``sd`` (accepted by :meth:`_check_load`, so this cannot fail) as
+        :meth:`_agree_on_load` decided. ``reset``: blocks without feedback state and dense rounds from the
+        current step on, with one warning that says why and what was reset."""
         self._plans.clear()
         self._block_of.clear()
         self._order.clear()
         self._pending.clear()
-        self.step = int(sd["step"])
-        if reset:
-            self.dense_until = self.step + max(1, self.warmup_steps)
+        self._last_ok = None
+        if sd is not None:
+            self.step = int(sd["step"])
+            for k, v in sd.get("stats", {}).items():
+                self.stats[k] = dict(v) if isinstance(v, dict) else v
+            if "skipped_rounds" in sd:
+                self._skipped = torch.full((), int(sd["skipped_rounds"]), dtype=torch.int64,
+                                           device=self._skipped.device)
+            numels = {int(pid): int(n) for pid, n in sd["numels"].items()}
+            params = {int(pid): slots for pid, slots in sd["params"].items()}
+            device = self._device
+            for i, pids in enumerate(sd["blocks"]):
+                pids = tuple(int(pid) for pid in pids)
+                slots: dict[str, Tensor] = {}
+                if reset is None and self.slot_names and all(pid in params for pid in pids):
+                    slots = {n: torch.cat([params[pid][n].reshape(-1) for pid in pids]).to(device)
+                             for n in self.slot_names}
+                blk = self._make_block(pids, tuple(numels[pid] for pid in pids), slots, device)
+                self._order[id(blk)] = i
+        if reset is None:
+            self.dense_until = int(sd.get("dense_until", 0)) if sd is not None else 0
             return
-        self.dense_until = int(sd.get("dense_until", 0))
-        device = self._device
-        for i, pids in enumerate(sd["blocks"]):
-            pids = tuple(int(pid) for pid in pids)
-            slots: dict[str, Tensor] = {}
-            if self.slot_names and all(pid in params for pid in pids):
-                slots = {n: torch.cat([params[pid][n].reshape(-1) for pid in pids]).to(device)
-                         for n in self.slot_names}
-            blk = self._make_block(pids, tuple(numels[pid] for pid in pids), slots, device)
-            self._order[id(blk)] = i
+        import warnings
+
+        self.dense_until = self.step + max(1, self.warmup_steps)
+        fb = self.feedback
+        what = (f"the error-feedback state of {type(fb).__name__} (local {', '.join(fb.local_slots) or '-'}; "
+                f"replicated {', '.join(fb.shared_slots) or '-'}, which must stay the mean of the local state)"
+                if self.slot_names else "the exchange")
+        warnings.warn(
+            f"commopt: {reset}. Reset {what} on every rank: steps {self.step} to {self.dense_until - 1} run as dense "
+            "all-reduce rounds that re-initialise it from the uncompressed gradient (SPEC §2), so the run does not "
+            "continue bitwise as the saved one. To resume exactly, save opt.state_dict() (CompressedOptimizer) on "
+            "every rank to its own file, e.g. torch.save(opt.state_dict(), f'opt_rank{rank}.pt'), and load each "
+            "rank's own file into the same world size.", UserWarning, stacklevel=4)
 
     # -- replicated-state check ------------------------------------------------------------------------
     def replicated_checksum(self) -> Tensor:
@@ -462,7 +620,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
         if dense or (state.slot_names and not blk.slots):
             futures.append(state.dense_round(blk, g))
         else:
-            futures.append(state.compressed_round(blk, g))
+            futures.append(state.compressed_round(blk, g, state.used_mask(blk, buf.device)))
 
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
         fut = futures[0] if buf.is_cuda else futures[0].then(lambda _: buf)
@@ -479,6 +637,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
         step_futures, state._step_futures = state._step_futures, []
         state.step += 1
         state.stats["steps"] += 1
+        if state._used is not None:
+            state._used.clear()  # the next synchronised step starts a new record
 
         def commit() -> Tensor:
             try:
@@ -492,6 +652,19 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
 
         return _when_all(step_futures, commit, buf)
     return fut
+
+
+def _refuse_python_reducer() -> None:
+    """Compiled autograd's python_reducer calls communication hooks with another signature."""
+    try:
+        import torch._dynamo.config as dynamo_config
+    except Exception:  # pragma: no cover - torch without dynamo
+        return
+    if getattr(dynamo_config, "optimize_ddp", None) == "python_reducer":
+        raise RuntimeError(
+            "commopt's compression hook does not support torch._dynamo.config.optimize_ddp = 'python_reducer' "
+            "(compiled autograd's reducer calls DDP communication hooks with another signature); use the "
+            "default optimize_ddp=True (DDPOptimizer) with torch.compile, or compile without compiled autograd")
 
 
 def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:

@@ -29,8 +29,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .compressors import Compressor, Identity, make_compressor
-from .exchange import Exchange, choose_exchange, ring_allreduce_bytes
+from .exchange import Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes
 from .feedback import Feedback, make_feedback
+from .round import compress, conclude, dense_start
 
 __all__ = [
     "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty", "make_penalty",
@@ -303,24 +304,16 @@ class OuterExchange:
             self._pending = {"kind": "init", "g": g, "send": send}
             self._work = dist.all_reduce(send, group=self.group, async_op=True) if self.use_dist else None
             return
-        density = self._k / self.numel
-        p, pending = fb.prepare(self.slots, g, density)
-        idx = self.compressor.select(p, self._k, round_index, 0)
-        vals = self.compressor.values(p, idx).to(self.wire_dtype)
+        # the same round as the DDP hook's (commopt.round): compress here, conclude in _finish
+        out = compress(self.compressor, fb, self.slots, g, self._k, round_index, 0, wire_dtype=self.wire_dtype)
         self.stats["compressed_rounds"] += 1
-        if self._exchange is None:  # one process: the sum over one rank is the message itself
-            fut = None
-        elif self.kind == "gather":
-            fut = self._exchange.gather(idx, vals, self.numel, self.state_dtype)
-        elif self.kind == "shared":
-            fut = self._exchange.shared(idx, vals, self.numel, self.state_dtype)
-        else:
-            dense = torch.zeros(self.numel, dtype=vals.dtype, device=vals.device).index_put_((idx,), vals)
-            fut = self._exchange.dense(dense)
+        # one process: the sum over one rank is the message itself
+        fut = (self._exchange.send(self.kind, out.idx, out.vals, self.numel, self.state_dtype)
+               if self._exchange is not None else None)
         nbytes = (self._exchange.message_bytes(self.kind, self._k, self.numel, self.wire_dtype)
                   if self._exchange is not None else 0.0)
         self._count(self.kind, nbytes)
-        self._pending = {"kind": "compressed", "g": g, "p": p, "extra": pending, "idx": idx, "vals": vals}
+        self._pending = {"kind": "compressed", "out": out}
         self._work = fut
 
     # -- waiting --------------------------------------------------------------------------------------
@@ -380,17 +373,15 @@ class OuterExchange:
         assert fb is not None
         if kind == "init":
             total = pending["send"].to(self.state_dtype)
-            mean = total / self.n
-            self.slots = {k: v.clone() for k, v in fb.init(pending["g"], mean).items()}
+            new, _, _ = dense_start(fb, pending["g"], total, self.n)
+            self.slots = {k: v.clone() for k, v in new.items()}
             return total, self.n
-        idx, vals = pending["idx"], pending["vals"]
+        out = pending["out"]
         if value is None:
-            value = torch.zeros(self.numel, dtype=self.state_dtype, device=vals.device).index_put_(
-                (idx,), vals.to(self.state_dtype))
-        mean = value.to(self.state_dtype) / self.n
-        new = fb.update(self.slots, pending["g"], pending["p"], pending["extra"], idx, vals, mean)
+            value = ordered_sum([(out.idx, out.vals)], self.numel, self.state_dtype, out.vals.device)
+        new, _, est, _ = conclude(fb, self.slots, out, value, self.n)
         self.slots.update(new)
-        return fb.estimate(self.slots, mean), 1
+        return est, 1
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

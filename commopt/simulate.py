@@ -1,10 +1,10 @@
 """Single-process simulation of n ranks running one bucket through compression + error feedback.
 
-It uses commopt's own :class:`~commopt.compressors.Compressor` and
-:class:`~commopt.feedback.Feedback` objects and mirrors, for one bucket, what
-:func:`commopt.hook.compression_hook` does on every rank, with the collectives
-replaced by an ordered sum over ranks (rank 0 first, as the hook's all-gather
-does). No ``torch.distributed`` is involved; everything is float64.
+Every rank's round is the one the DDP hook runs (:func:`commopt.round.compress`
+before the exchange, :func:`commopt.round.conclude` after it, :func:`commopt.round.dense_start`
+for dense rounds), and the collective is the hook's own ordered sum
+(:func:`commopt.exchange.ordered_sum`, rank 0 first), so tests of the simulation
+test the hook's math. No ``torch.distributed`` is involved; everything is float64.
 
 Per step t, with n ranks, local gradients g_i = ∇f_i(xᵗ), d = numel, k = C.num_selected(d):
 
@@ -45,19 +45,13 @@ import torch
 from torch import Tensor
 
 from .compressors import Compressor, make_compressor
+from .exchange import ordered_sum
 from .feedback import Feedback, make_feedback
+from .round import compress, conclude, dense_start
 
 __all__ = ["simulate"]
 
 GradFn = Callable[[Tensor], Tensor]
-
-
-def _ordered_mean(vectors: Sequence[Tensor]) -> Tensor:
-    """(v_0 + v_1 + … + v_{n−1}) / n, summed in rank order (bitwise reproducible)."""
-    total = vectors[0].clone()
-    for v in vectors[1:]:
-        total = total + v
-    return total / len(vectors)
 
 
 def simulate(
@@ -107,6 +101,8 @@ def simulate(
     k = comp.num_selected(d)
     density = k / d
 
+    everything = torch.arange(d)
+
     def grads_at(x_flat: Tensor) -> list[Tensor]:
         xs = x_flat.reshape(shape)
         return [torch.as_tensor(f(xs.clone()), dtype=torch.float64).reshape(-1) for f in grad_fns]
@@ -121,31 +117,26 @@ def simulate(
     for t in range(steps):
         grads = grads_at(x)
         if t < warmup:
-            mean = _ordered_mean(grads)
-            if bool(torch.isfinite(mean).all()) and (local_names or shared_names):
-                for i, g in enumerate(grads):
-                    new = fb.init(g, mean)
+            # the dense round: every rank all-reduces its gradient (ordered sum), SPEC §2 init
+            total = ordered_sum([(everything, g) for g in grads], d, torch.float64)
+            for i, g in enumerate(grads):
+                new, ok, mean = dense_start(fb, g, total, n)
+                if bool(ok) and (local_names or shared_names):
                     local[i] = {s: new[s] for s in local_names}
                     if i == 0:
                         shared = {s: new[s] for s in shared_names}
             est = mean
         else:
+            # the compressed round, one call of commopt.round per rank, as the hook makes it
             states = [{**local[i], **shared} for i in range(n)]
-            prepared, msgs = [], []
-            for i, g in enumerate(grads):
-                p, pending = fb.prepare(states[i], g, density)
-                idx = comp.select(p, k, t, key)
-                vals = comp.values(p, idx)
-                if not bool(torch.isfinite(g).all()):
-                    vals = torch.full_like(vals, float("nan"))
-                prepared.append((p, pending, idx, vals))
-                msgs.append(torch.zeros(d, dtype=torch.float64).index_put_((idx,), vals))
-            mean = _ordered_mean(msgs)
-            if bool(torch.isfinite(mean).all()):
+            sent = [compress(comp, fb, states[i], g, k, t, key) for i, g in enumerate(grads)]
+            total = ordered_sum([(o.idx, o.vals) for o in sent], d, torch.float64)
+            results = [conclude(fb, states[i], o, total.clone(), n) for i, o in enumerate(sent)]
+            ok = results[0][1]
+            if bool(ok):
                 new_shared: dict[str, Tensor] | None = None
                 new_local = []
-                for i, (g, (p, pending, idx, vals)) in enumerate(zip(grads, prepared)):
-                    new = fb.update(states[i], g, p, pending, idx, vals, mean)
+                for new, _, _, _ in results:
                     new_local.append({s: new[s] for s in local_names})
                     sh = {s: new[s] for s in shared_names}
                     if new_shared is None:
@@ -154,9 +145,9 @@ def simulate(
                         raise RuntimeError(f"{fb!r}: replicated slots differ between ranks")
                 local = new_local
                 shared = new_shared if new_shared is not None else {}
-                est = fb.estimate({**local[0], **shared}, mean)
+                est = results[0][2]
             else:
-                est = mean
+                est = results[0][3]
         x = x - lr * est
         out.append(x.reshape(shape).clone())
     return out
