@@ -54,11 +54,15 @@ def choose_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
 
 
 def ordered_sum(messages: "list[tuple[Tensor, Tensor]]", d: int, out_dtype: torch.dtype,
-                device: Optional[torch.device] = None) -> Tensor:
+                device: Optional[torch.device] = None, out: Optional[Tensor] = None) -> Tensor:
     """Σ_r of the sparse messages (idx_r, vals_r) as a dense vector, added in rank order (bitwise the same
-    result wherever it is computed: the all-gather's callback on every rank, and the simulation)."""
+    result wherever it is computed: the all-gather's callback on every rank, and the simulation).
+    ``out``: a [d] tensor of ``out_dtype`` to write the sum into (overwritten) instead of a new one."""
     dev = device if device is not None else messages[0][1].device
-    out = torch.zeros(d, dtype=out_dtype, device=dev)
+    if out is None:
+        out = torch.zeros(d, dtype=out_dtype, device=dev)
+    else:
+        out.zero_()
     for idx, vals in messages:
         out.index_add_(0, idx, vals.to(out_dtype))
     return out
@@ -78,13 +82,21 @@ class Exchange:
         self.group = group
         self.n = dist.get_world_size(group)
 
-    def send(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
-        """Move one fixed-size message by the exchange ``kind``; a future of Σ_ranks as a dense vector."""
+    def send(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+             out: Optional[Tensor] = None) -> Future:
+        """Move one fixed-size message by the exchange ``kind``; a future of Σ_ranks as a dense vector.
+
+        ``out`` (optional, [d] of ``out_dtype``): where the dense sum is written, e.g. the DDP bucket
+        itself, once the caller no longer needs its contents; it saves one bucket-sized buffer."""
+        if out is not None and (out.dtype != out_dtype or out.numel() != d):
+            out = None
         if kind == "gather":
-            return self.gather(idx, vals, d, out_dtype)
+            return self.gather(idx, vals, d, out_dtype, out)
         if kind == "shared":
-            return self.shared(idx, vals, d, out_dtype)
+            return self.shared(idx, vals, d, out_dtype, out)
         if kind == "dense":
+            if out is not None and out.dtype == vals.dtype:
+                return self.dense(out.zero_().index_put_((idx,), vals))
             return self.dense(torch.zeros(d, dtype=vals.dtype, device=vals.device).index_put_((idx,), vals))
         raise ValueError(f"unknown exchange {kind!r}")
 
@@ -98,7 +110,8 @@ class Exchange:
 
         return work.get_future().then(result)
 
-    def shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
+    def shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+               out: Optional[Tensor] = None) -> Future:
         """All-reduce of values at indices that are the same on every rank; dense sum."""
         buf = vals.contiguous().clone()
         work = dist.all_reduce(buf, group=self.group, async_op=True)
@@ -106,11 +119,13 @@ class Exchange:
         def densify(f: Future) -> Tensor:
             f.value()  # re-raises a failed all-reduce
             _hold([idx, buf])
-            return torch.zeros(d, dtype=out_dtype, device=buf.device).index_put_((idx,), buf.to(out_dtype))
+            dense = torch.zeros(d, dtype=out_dtype, device=buf.device) if out is None else out.zero_()
+            return dense.index_put_((idx,), buf.to(out_dtype))
 
         return work.get_future().then(densify)
 
-    def gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype) -> Future:
+    def gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+               out: Optional[Tensor] = None) -> Future:
         """All-gather of fixed-size (values, indices) in one buffer; ordered sum over ranks."""
         k = vals.numel()
         idt = index_dtype(vals.dtype)
@@ -126,7 +141,7 @@ class Exchange:
             rows = recv.view(self.n, width)
             # clone: a fresh storage offset for the index view
             msgs = [(rows[r, k:].clone().view(idt), rows[r, :k]) for r in range(self.n)]
-            return ordered_sum(msgs, d, out_dtype, recv.device)
+            return ordered_sum(msgs, d, out_dtype, recv.device, out)
 
         return work.get_future().then(summed)
 
