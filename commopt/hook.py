@@ -450,7 +450,7 @@ class CompressionState:
         decision = self._agree_on_load(verdict, what="CompressionState.load_state_dict")
         if decision["refused"] is not None:
             raise ValueError(decision["refused"])
-        self._apply_load(sd, decision["reset"])
+        self._apply_load(sd, decision["reset"], stacklevel=2)
 
     def _check_load(self, sd: Optional[dict], on_world_size_change: str = "error") -> dict:
         """This rank's verdict on ``sd`` for :meth:`_agree_on_load`; changes nothing and raises nothing.
@@ -551,10 +551,11 @@ class CompressionState:
                     "reset": None}
         return {"refused": None, "reset": reset}
 
-    def _apply_load(self, sd: Optional[dict], reset: Optional[str]) -> None:
+    def _apply_load(self, sd: Optional[dict], reset: Optional[str], stacklevel: int = 2) -> None:
         """Replace the state with ``sd`` (accepted by :meth:`_check_load`, so this cannot fail) as
         :meth:`_agree_on_load` decided. ``reset``: blocks without feedback state and dense rounds from the
-        current step on, with one warning that says why and what was reset."""
+        current step on, with one warning that says why and what was reset (``stacklevel`` as for
+        ``warnings.warn``, counted from this method's caller)."""
         self._plans.clear()
         self._block_of.clear()
         self._order.clear()
@@ -585,15 +586,16 @@ class CompressionState:
 
         self.dense_until = self.step + max(1, self.warmup_steps)
         fb = self.feedback
-        what = (f"the error-feedback state of {type(fb).__name__} (local {', '.join(fb.local_slots) or '-'}; "
-                f"replicated {', '.join(fb.shared_slots) or '-'}, which must stay the mean of the local state)"
-                if self.slot_names else "the exchange")
+        what = f"the error-feedback state of {type(fb).__name__} (local {', '.join(fb.local_slots)}"
+        if fb.shared_slots:
+            what += f"; replicated {', '.join(fb.shared_slots)}, which must stay the mean of the local state"
+        what = what + ")" if self.slot_names else f"nothing ({type(fb).__name__} keeps no state)"
         warnings.warn(
             f"commopt: {reset}. Reset {what} on every rank: steps {self.step} to {self.dense_until - 1} run as dense "
             "all-reduce rounds that re-initialise it from the uncompressed gradient (SPEC §2), so the run does not "
             "continue bitwise as the saved one. To resume exactly, save opt.state_dict() (CompressedOptimizer) on "
             "every rank to its own file, e.g. torch.save(opt.state_dict(), f'opt_rank{rank}.pt'), and load each "
-            "rank's own file into the same world size.", UserWarning, stacklevel=4)
+            "rank's own file into the same world size.", UserWarning, stacklevel=stacklevel + 1)
 
     # -- replicated-state check ------------------------------------------------------------------------
     def replicated_checksum(self) -> Tensor:

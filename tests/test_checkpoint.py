@@ -6,14 +6,17 @@ Phases, each in newly spawned processes:
   (c) 2 new ranks build a fresh model/DDP/optimizer/scheduler, load their own file, train 15 more steps:
       the final parameters equal (a)'s exactly (torch.equal);
   (d) a 1-rank world loads rank 0's file: ValueError by default, works with on_world_size_change="reset".
-Phase (c) also checks that loading another rank's file, or loading into a run with another
-compressor, raises.
+Phase (c) also checks that loading another rank's file (files swapped between the ranks), or loading
+into a run with another compressor, raises; and that rank 0's file loaded on both ranks (a checkpoint
+saved on rank 0 only, nanoGPT-style) is accepted with one warning on every rank, restarts the feedback
+state with dense rounds, and the replicas stay identical.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -107,6 +110,23 @@ def _worker(rank: int, world: int, port: int, phase: str, tmp: str, names: list,
                 # a run with another compressor
                 _, _, opt3, _ = build("topk:0.1" if comp.startswith("randk") else "randk:0.05", fb)
                 results[f"{name}/other_compressor"] = _raises(lambda: opt3.load_state_dict(ckpt["opt"]))
+                # rank 0's file on both ranks (saved on rank 0 only): accepted, the feedback state restarts
+                master = torch.load(folder / "rank0.pt", weights_only=False)
+                model4, ddp4, opt4, sched4 = build(comp, fb)
+                model4.load_state_dict(master["model"])
+                with warnings.catch_warnings(record=True) as rec:
+                    warnings.simplefilter("always")
+                    opt4.load_state_dict(master["opt"])
+                sched4.load_state_dict(master["sched"])
+                results[f"{name}/master_warnings"] = sum(
+                    "rank 0's checkpoint" in str(w.message) for w in rec if str(w.message).startswith("commopt:"))
+                dense0, comp0 = opt4.comm_stats()["dense_rounds"], opt4.comm_stats()["compressed_rounds"]
+                _train(model4, ddp4, opt4, sched4, rank, SPLIT, SPLIT + 2)
+                results[f"{name}/master_dense_first"] = (opt4.comm_stats()["compressed_rounds"] == comp0
+                                                         and opt4.comm_stats()["dense_rounds"] > dense0)
+                _train(model4, ddp4, opt4, sched4, rank, SPLIT + 2, SPLIT + 6)
+                results[f"{name}/master_compressed_after"] = opt4.comm_stats()["compressed_rounds"] > comp0
+                torch.save([p.detach().clone() for p in model4.parameters()], folder / f"master_rank{rank}.pt")
             elif phase == "world1":
                 ckpt = torch.load(folder / "rank0.pt", weights_only=False)
                 _, _, opt, _ = build(comp, fb)
@@ -175,6 +195,11 @@ def test_checkpoint_round_trip_in_fresh_processes(tmp_path):
         for r in range(2):
             assert resume[r][f"{name}/other_rank"] == "ValueError", (name, r, resume[r])
             assert resume[r][f"{name}/other_compressor"] == "ValueError", (name, r, resume[r])
+            assert resume[r][f"{name}/master_warnings"] == 1, (name, r, resume[r])
+            assert resume[r][f"{name}/master_dense_first"] is True, (name, r, resume[r])
+            assert resume[r][f"{name}/master_compressed_after"] is True, (name, r, resume[r])
+        m0, m1 = (torch.load(tmp_path / name / f"master_rank{r}.pt") for r in range(2))
+        assert all(torch.equal(a, b) and torch.isfinite(a).all() for a, b in zip(m0, m1)), name
         assert world1[f"{name}/world1_default"] == "ValueError", (name, world1)
         assert world1[f"{name}/world1_reset_finite"] is True
         assert world1[f"{name}/world1_reset_dense_rounds"] >= 1, world1  # the state restarts with a dense round

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from typing import Any, Callable, Optional
 
 import torch
@@ -22,6 +23,20 @@ __all__ = ["CompressedOptimizer"]
 def _model_signature(module: torch.nn.Module) -> str:
     text = ";".join(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for name, p in module.named_parameters())
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
+def _refuse_python_reducer(ddp_model: DistributedDataParallel) -> None:
+    """Compiled autograd's Python reducer (``torch._dynamo.config.optimize_ddp = "python_reducer"``) calls
+    communication hooks per parameter as ``hook(state, (grad, param))``, not with a ``GradBucket``."""
+    config = sys.modules.get("torch._dynamo.config")  # imported by DDP itself; never imported here
+    now = getattr(config, "optimize_ddp", None) == "python_reducer"
+    if now or getattr(ddp_model, "_use_python_reducer", False):
+        when = "is set" if now else "was set when this DistributedDataParallel model was built"
+        raise RuntimeError(
+            f"CompressedOptimizer does not support torch._dynamo.config.optimize_ddp = 'python_reducer' (it {when}): "
+            "compiled autograd's Python reducer calls DDP communication hooks per parameter as hook(state, "
+            "(grad, param)) instead of with a GradBucket, so commopt's compression_hook cannot run there. Use the "
+            "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
 
 
 class CompressedOptimizer(WrappedOptimizer):
@@ -48,6 +63,11 @@ class CompressedOptimizer(WrappedOptimizer):
         on_world_size_change: ``"error"`` (default) or ``"reset"``: what ``load_state_dict``
             does with a checkpoint from another world size (reset = restart the feedback
             state with dense rounds).
+
+    Checkpoints (:meth:`state_dict` / :meth:`load_state_dict`) have torch.optim's shape, with
+    commopt's state under the extra key ``"commopt"``; ``load_state_dict`` is a collective that
+    every rank must call. Not supported: ``torch._dynamo.config.optimize_ddp = "python_reducer"``
+    (compiled autograd's reducer calls hooks with another signature): ``RuntimeError`` at construction.
     """
 
     def __init__(
@@ -73,6 +93,7 @@ class CompressedOptimizer(WrappedOptimizer):
         self.process_group = group
 
         def build() -> tuple[CompressionState, dict]:
+            _refuse_python_reducer(ddp_model)
             if on_world_size_change not in ("error", "reset"):
                 raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
             if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
@@ -93,7 +114,9 @@ class CompressedOptimizer(WrappedOptimizer):
         self.check_every = check_every
         self.on_world_size_change = on_world_size_change
         ddp_model.register_comm_hook(self.hook_state, compression_hook)
+        self.module = ddp_model.module
         self._steps = 0
+        self._hook_step_seen = self.hook_state.step  # the hook's step count at the last counted step
 
     @property
     def compressor(self) -> Compressor:
@@ -104,12 +127,40 @@ class CompressedOptimizer(WrappedOptimizer):
         return self.hook_state.feedback
 
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
-        """Inner optimizer step with the averaged estimate the hook left in ``.grad``."""
+        """Inner optimizer step with the averaged estimate the hook left in ``.grad``.
+
+        Counted (for ``check_every`` and checkpoints) only when a backward pass exchanged gradients
+        through the hook since the last step: a step without one, such as the zero-gradient step that
+        ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` take to initialise an empty
+        optimizer state, goes to the inner optimizer but is not counted and runs no collective."""
         loss = self.optimizer.step(closure)
-        self._steps += 1
-        if self.check_every and self._steps % self.check_every == 0:
-            self.verify_replicated_state()
+        if self.hook_state.step != self._hook_step_seen:  # a backward exchanged gradients since the last step
+            self._hook_step_seen = self.hook_state.step
+            self._steps += 1
+            if self.check_every and self._steps % self.check_every == 0:
+                self.verify_replicated_state()
         return loss
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group`` on the inner optimizer, for parameters of the DDP
+        model that it does not hold yet (their gradients already go through the hook). A tensor that is
+        not a parameter of the DDP model raises ``ValueError`` (its gradient would not be averaged)."""
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError("param_group must be a dict with a 'params' entry")
+        params = param_group["params"]
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif not isinstance(params, set):  # a set: the inner optimizer raises torch's TypeError
+            params = list(params)
+        model_ids = {id(p) for p in self.module.parameters()}
+        tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+        foreign = [i for i, p in enumerate(tensors) if id(p) not in model_ids]
+        if foreign:
+            raise ValueError(
+                f"add_param_group: entries {foreign} of 'params' are not parameters of the DDP model; "
+                "CompressedOptimizer can only optimise the model whose gradients its hook averages")
+        param_group["params"] = params
+        self.optimizer.add_param_group(param_group)
 
     def comm_stats(self) -> dict:
         """Communication counters of this rank.
@@ -142,16 +193,97 @@ class CompressedOptimizer(WrappedOptimizer):
         assert_bitwise_same(self.hook_state.replicated_checksum(), self.process_group,
                             what="replicated error-feedback state")
 
-    def state_dict(self) -> dict:  # type: ignore[override]
-        """The inner optimizer's state plus **this rank's** feedback state and step count: save one file per rank."""
-        return {"optimizer": self.optimizer.state_dict(), "commopt": self.hook_state.state_dict(),
-                "steps": self._steps}
+    # -- checkpoints in torch.optim's shape (see WrappedOptimizer) -------------------------------------
+    def _own_state_dict(self) -> dict:
+        """Under ``"commopt"``: :meth:`CompressionState.state_dict` (this rank's feedback state, blocks,
+        step count, communication counters) plus ``optimizer_steps`` (the steps :meth:`step` counted)."""
+        return {**self.hook_state.state_dict(), "optimizer_steps": self._steps}
+
+    def _split_legacy(self, sd: dict) -> Optional[tuple[dict, Optional[dict]]]:
+        """The layout before torch.optim's shape: ``{"optimizer": ..., "commopt": ..., "steps": ...}``."""
+        if "state" in sd or "param_groups" in sd or not isinstance(sd.get("optimizer"), dict) or "commopt" not in sd:
+            return None
+        own = sd["commopt"]
+        if isinstance(own, dict) and "optimizer_steps" not in own:
+            own = {**own, "optimizer_steps": sd.get("steps", 0)}
+        return sd["optimizer"], own
+
+    def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
+        """Load the inner optimizer's part and commopt's part on every rank together, or on none.
+
+        A collective: each rank validates commopt's part and loads the inner optimizer (restored if it
+        refuses); one ``all_gather_object`` of the verdicts then decides the same on every rank
+        (:meth:`CompressionState._agree_on_load`). Refused on any rank: every rank puts its inner
+        optimizer back and raises ``ValueError`` naming the rank(s) and the reason. Otherwise: exact
+        restore from each rank's own file, or a restart of the feedback state with dense rounds on
+        every rank (one warning) when every rank loaded one rank's file, when the world size changed
+        (``on_world_size_change="reset"``) or when ``own`` is None (no ``"commopt"`` key)."""
+        st = self.hook_state
+        verdict = st._check_load(own, self.on_world_size_change)
+        steps = self._steps
+        if own is not None and verdict["error"] is None:
+            try:
+                steps = int(own.get("optimizer_steps", 0))
+            except (TypeError, ValueError) as exc:
+                verdict["error"] = f"malformed commopt state (optimizer_steps: {exc})"
+        verdict["same"]["optimizer_steps"] = steps
+        opt = self.optimizer
+        restore: Optional[Callable[[], None]] = None
+        inner_exc = None
+        if verdict["error"] is None:
+            undo = self._inner_restorer()
+            try:
+                self._load_inner_atomically(inner)
+                restore = undo
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                inner_exc = exc
+                verdict["error"] = f"the inner {type(opt).__name__} refused its part ({type(exc).__name__}: {exc})"
+        refused: Optional[str] = "the agreement between the ranks failed"
+        try:
+            decision = st._agree_on_load(verdict, what="CompressedOptimizer.load_state_dict")
+            refused = decision["refused"]
+        finally:
+            if restore is not None and refused is not None:  # refused elsewhere: put the inner optimizer back
+                restore()
+        if refused is not None:
+            raise ValueError(refused) from inner_exc
+        st._apply_load(own, decision["reset"], stacklevel=4)  # the caller of load_state_dict
+        self._steps = steps
+        self._hook_step_seen = st.step
+
+    def _inner_restorer(self) -> Callable[[], None]:
+        """A function that puts the inner optimizer back to its present state after a successful load."""
+        opt = self.optimizer
+        if isinstance(opt, WrappedOptimizer):  # e.g. MKOR: its state is more than state / param_groups
+            saved = opt.state_dict()
+            return lambda: opt.load_state_dict(saved)
+        old_state, old_groups = opt.state, opt.param_groups  # a load replaces these objects, never mutates them
+        old_items = [dict(g) for g in old_groups]
+
+        def restore() -> None:
+            opt.__setstate__({"state": old_state, "param_groups": old_groups})
+            for g, items in zip(old_groups, old_items):
+                g.clear()
+                g.update(items)
+
+        return restore
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
-        """Restore from :meth:`state_dict` of the same rank and world size (see ``on_world_size_change``)."""
-        if not isinstance(state_dict, dict) or "commopt" not in state_dict or "optimizer" not in state_dict:
-            raise ValueError("not a CompressedOptimizer state_dict (expected keys 'optimizer' and 'commopt'); "
-                             "to load a plain optimizer checkpoint use opt.optimizer.load_state_dict()")
-        self.hook_state.load_state_dict(state_dict["commopt"], self.on_world_size_change)
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        self._steps = int(state_dict.get("steps", 0))
+        """Restore from :meth:`state_dict`. **Every rank must call it** (one small collective decides
+        for all ranks), with
+
+        - its own file (same world size): exact, the run continues bitwise as the saved one;
+        - one rank's file on every rank (a checkpoint saved on rank 0 only, nanoGPT-style): the inner
+          optimizer's state, step count, blocks and counters are taken from it; the feedback state
+          restarts with dense rounds on every rank (one warning);
+        - a checkpoint from another world size: ``ValueError``, or a restart as above with
+          ``on_world_size_change="reset"``;
+        - a dict without ``"commopt"`` (a plain optimizer's state_dict, or what
+          ``torch.distributed.checkpoint.state_dict.set_optimizer_state_dict`` passes on): the inner
+          optimizer is loaded and the feedback state restarts as above (one warning).
+
+        The older layout ``{"optimizer", "commopt", "steps"}`` is accepted too. A refusal on any
+        rank (another compressor or feedback rule, files swapped between ranks, checkpoints of
+        different steps, an inner optimizer that refuses its part) raises ``ValueError`` on every
+        rank and leaves every rank as it was. The load-state-dict pre/post hooks run as in torch."""
+        super().load_state_dict(state_dict)

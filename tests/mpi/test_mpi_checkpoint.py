@@ -1,8 +1,11 @@
-"""Checkpoints at n ranks inside one process per rank (the fresh-process round trip is
-tests/test_checkpoint.py): resume equals continuing, and a refused load changes nothing."""
+"""Checkpoints at n ranks inside one process per rank, each rank loading its own file (the
+fresh-process round trip is tests/test_checkpoint.py; one file on every rank and
+torch.distributed.checkpoint are in test_mpi_master_checkpoint.py): resume equals continuing,
+counters survive, and a refused load changes nothing on any rank."""
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -31,17 +34,23 @@ def test_resume_equals_continuing(world, comp, rule):
     for t in range(10):
         train_step(ddp, opt, *batch(r, t))
     ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    stats_at_save = opt.comm_stats()
+    assert set(ckpt["opt"]) == {"state", "param_groups", "commopt"}  # torch.optim's shape + one key
     for t in range(10, 20):
         train_step(ddp, opt, *batch(r, t))
     model2, ddp2, opt2 = _build(comp, rule)
     model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # each rank's own file: exact, no reset warning
+        opt2.load_state_dict(ckpt["opt"])
+    counters_restored = opt2.comm_stats() == stats_at_save
     for t in range(10, 20):
         train_step(ddp2, opt2, *batch(r, t))
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
     assert all_ranks_true(same), f"rank {r}: resumed parameters differ"
     s1, s2 = all_slots(opt), all_slots(opt2)
     assert s1.keys() == s2.keys() and all(torch.equal(bits(s1[k]), bits(s2[k])) for k in s1)
+    assert counters_restored and opt2.comm_stats() == opt.comm_stats(), "comm_stats() did not survive the resume"
 
 
 def _snapshot(opt) -> dict:
@@ -82,7 +91,7 @@ def test_refused_load_leaves_the_optimizer_unchanged(world, wrong):
     else:
         sd["commopt"]["compressor"] = {**sd["commopt"]["compressor"], "ratio": 0.1}
     before = _snapshot(opt)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="nothing was changed on any rank"):
         opt.load_state_dict(sd)
     problems = _same_snapshot(before, _snapshot(opt))
     # and training goes on in step on every rank
