@@ -26,6 +26,7 @@ block's average was finite on every rank.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -209,7 +210,8 @@ class CompressionState:
     def config(self) -> dict:
         """What every rank and every checkpoint must agree on."""
         return {"compressor": self.compressor.config(), "feedback": self.feedback.config(),
-                "warmup_steps": self.warmup_steps, "world_size": self.world_size}
+                "warmup_steps": self.warmup_steps, "world_size": self.world_size, "commit": self.commit,
+                "track_unused": self.track_unused}
 
     def in_warmup(self) -> bool:
         return self.step < max(self.warmup_steps, self.dense_until)
@@ -349,7 +351,10 @@ class CompressionState:
         fb = self.feedback
         out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), blk.k, self.step, blk.key,
                        wire_dtype=g_in.dtype, canon=blk.canon, used=used)
-        fut = self.exchange.send(blk.exchange, out.idx, out.vals, blk.d, sdt)
+        # the feedback rules need only p and aux after this point, so the sum can go into the bucket itself
+        # (when it is already in the state dtype and unscaled): one bucket-sized buffer less
+        into = g_in if (scale is None and g_in.dtype == sdt and g_in.is_contiguous()) else None
+        fut = self.exchange.send(blk.exchange, out.idx, out.vals, blk.d, sdt, out=into)
         self._count(blk.exchange, self.exchange.message_bytes(blk.exchange, blk.k, blk.d, g_in.dtype),
                     blk.d, g_in.dtype)
         self.stats["compressed_rounds"] += 1
@@ -389,7 +394,7 @@ class CompressionState:
         if not pending:
             return
         ok = torch.stack([item[1] for item in pending]).all()
-        if self.in_warmup() or self.step <= max(self.warmup_steps, self.dense_until):
+        if self.slot_names and (self.in_warmup() or self.step <= max(self.warmup_steps, self.dense_until)):
             self._last_ok = ok  # read once when warm-up ends (see _extend_warmup_if_it_overflowed)
         if self._skipped.device != ok.device:
             self._skipped = self._skipped.to(ok.device)
@@ -654,6 +659,26 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
 
         return _when_all(step_futures, commit, buf)
     return fut
+
+
+def stepping_grad_scaler(max_depth: int = 8) -> Any:
+    """The ``torch.amp.GradScaler`` whose ``scaler.step(optimizer)`` is calling us, or None.
+
+    ``GradScaler.step`` calls ``optimizer.step()`` from its own method (``_maybe_opt_step``); we look a
+    few frames up for it. Host-side only, run once per optimizer step (not in the hook)."""
+    try:
+        from torch.amp import GradScaler
+    except ImportError:  # pragma: no cover - old torch
+        return None
+    frame = sys._getframe(1)
+    for _ in range(max_depth):
+        if frame is None:
+            break
+        owner = frame.f_locals.get("self")
+        if isinstance(owner, GradScaler):
+            return owner
+        frame = frame.f_back
+    return None
 
 
 def _refuse_python_reducer() -> None:

@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..compressors import Compressor
 from ..consistency import assert_bitwise_same, build_consistently
 from ..feedback import Feedback
-from ..hook import CompressionState, compression_hook
+from ..hook import CompressionState, compression_hook, stepping_grad_scaler
 from .wrapper import WrappedOptimizer
 
 __all__ = ["CompressedOptimizer"]
@@ -63,6 +63,10 @@ class CompressedOptimizer(WrappedOptimizer):
         on_world_size_change: ``"error"`` (default) or ``"reset"``: what ``load_state_dict``
             does with a checkpoint from another world size (reset = restart the feedback
             state with dense rounds).
+        commit: ``"step"`` (default): a step's new feedback state is applied at the end of
+            backward, only if every bucket's average was finite (atomic; the new state of
+            every bucket lives until then). ``"block"``: each bucket's state is applied as
+            soon as its average is known, where finite (peak extra memory: one bucket's).
 
     Checkpoints (:meth:`state_dict` / :meth:`load_state_dict`) have torch.optim's shape, with
     commopt's state under the extra key ``"commopt"``; ``load_state_dict`` is a collective that
@@ -81,6 +85,7 @@ class CompressedOptimizer(WrappedOptimizer):
         grad_scaler: Any = None,
         check_every: int = 0,
         on_world_size_change: str = "error",
+        commit: str = "step",
     ) -> None:
         if not isinstance(ddp_model, DistributedDataParallel):
             raise TypeError(
@@ -102,8 +107,11 @@ class CompressedOptimizer(WrappedOptimizer):
             foreign = [p for p in self.params() if id(p) not in model_params]
             if foreign:
                 raise ValueError(f"the optimizer holds {len(foreign)} tensor(s) that are not parameters of the DDP model")
-            state = CompressionState(compressor, feedback, group, warmup_steps,
-                                     model=ddp_model.module, grad_scaler=grad_scaler)
+            # find_unused_parameters / static_graph: DDP hands a zero gradient for a parameter this rank did
+            # not use; track use so that such a parameter's state stays as it was and it takes no slots
+            track = bool(getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False))
+            state = CompressionState(compressor, feedback, group, warmup_steps, model=ddp_model.module,
+                                     grad_scaler=grad_scaler, commit=commit, track_unused=track)
             config = {**state.config(), "model": _model_signature(ddp_model.module),
                       "optimizer": type(optimizer).__name__, "check_every": check_every,
                       "on_world_size_change": on_world_size_change}
@@ -129,10 +137,18 @@ class CompressedOptimizer(WrappedOptimizer):
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
         """Inner optimizer step with the averaged estimate the hook left in ``.grad``.
 
+        Called through ``scaler.step(opt)`` of a ``torch.amp.GradScaler`` that was not passed as
+        ``grad_scaler=``, the scaler is bound here, at its first step, and the feedback state built so far
+        is converted to unscaled units (the next backward then runs in unscaled units).
+
         Counted (for ``check_every`` and checkpoints) only when a backward pass exchanged gradients
         through the hook since the last step: a step without one, such as the zero-gradient step that
         ``torch.distributed.checkpoint``'s ``get/set_optimizer_state_dict`` take to initialise an empty
         optimizer state, goes to the inner optimizer but is not counted and runs no collective."""
+        if self.hook_state.grad_scaler is None:
+            scaler = stepping_grad_scaler()
+            if scaler is not None:
+                self.hook_state.bind_grad_scaler(scaler)
         loss = self.optimizer.step(closure)
         if self.hook_state.step != self._hook_step_seen:  # a backward exchanged gradients since the last step
             self._hook_step_seen = self.hook_state.step
