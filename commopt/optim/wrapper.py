@@ -82,7 +82,12 @@ class WrappedOptimizer(Optimizer):
         return None
 
     def _load_inner_atomically(self, inner: dict) -> None:
-        """``self.optimizer.load_state_dict(inner)``; if it raises, the inner optimizer keeps its old state."""
+        """``self.optimizer.load_state_dict(inner)``; if it raises, the inner optimizer keeps its old state.
+
+        An inner commopt wrapper's own load is atomic (on every rank), so it is called as is."""
+        if isinstance(self.optimizer, WrappedOptimizer):
+            self.optimizer.load_state_dict(inner)
+            return
         old_state, old_groups = self.optimizer.state, self.optimizer.param_groups
         old_group_items = [dict(g) for g in old_groups]
         try:
