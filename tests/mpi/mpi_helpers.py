@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 from typing import Iterable
 
@@ -13,21 +14,34 @@ _INT_VIEW = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bit pattern as integers (NaN == NaN, -0.0 != 0.0): for bitwise comparisons."""
+    """The tensor's bit pattern as int32 or int64 (NaN == NaN, -0.0 != 0.0): for bitwise comparisons.
+
+    Any dtype: the raw storage is viewed as signed integers of the element's width (complex and other
+    16-byte types as pairs of int64), and 1- and 2-byte integers are sign-extended to int32, which is
+    one-to-one and a type every backend can all-gather (gloo has no int16)."""
     t = t.detach().contiguous().reshape(-1)
-    if t.is_floating_point():
-        return t.view(_INT_VIEW[t.element_size()])
-    return t
+    if t.dtype == torch.bool:
+        t = t.view(torch.uint8)
+    size = t.element_size()
+    ints = t.view(_INT_VIEW[8] if size > 8 else _INT_VIEW[size])
+    return ints.to(torch.int32) if ints.element_size() < 4 else ints
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    """A number naming ``dtype`` identically in every process (a hash of its name)."""
+    return int.from_bytes(hashlib.blake2b(str(dtype).encode(), digest_size=8).digest(), "little") & ((1 << 62) - 1)
 
 
 def same_on_all_ranks(t: torch.Tensor) -> bool:
-    """True on every rank iff ``t`` is bitwise identical on every rank (all_gather + torch.equal)."""
+    """True on every rank iff ``t`` has the same dtype, size and bits on every rank (all_gather + torch.equal).
+
+    Works for every dtype (bits() widens 1- and 2-byte types, e.g. bfloat16 / float16, before the gather)."""
     local = bits(t).clone()
     n = dist.get_world_size()
-    shape = torch.tensor([local.numel()], dtype=torch.int64)
-    shapes = [torch.zeros_like(shape) for _ in range(n)]
-    dist.all_gather(shapes, shape)
-    if any(int(s) != local.numel() for s in shapes):
+    header = torch.tensor([local.numel(), _dtype_code(t.dtype), local.element_size()], dtype=torch.int64)
+    headers = [torch.zeros_like(header) for _ in range(n)]
+    dist.all_gather(headers, header)
+    if any(not torch.equal(h, header) for h in headers):
         return False
     gathered = [torch.empty_like(local) for _ in range(n)]
     dist.all_gather(gathered, local)

@@ -154,11 +154,11 @@ def test_nonfinite_gradient_on_one_rank_skips_everywhere_and_keeps_state(world, 
     drift = differing_replicated(opt) + [f"parameter {j}" for j in differing_params(params)]
     finite = all(torch.isfinite(p).all() for p in params)
     moved = any(not torch.equal(p, q) for p, q in zip(params, params_at_skip))
-    skipped = opt.comm_stats().get("skipped_rounds", None)
-    assert all_ranks_true(not problems and not drift and finite and moved), \
-        f"rank {r}: {problems} drift={drift} finite={finite} moved={moved}"
-    if skipped is not None:
-        assert skipped >= 1
+    stats = opt.comm_stats()
+    # exactly the one injected step was skipped, on every rank; every backward pass was a hook step
+    counts = (stats["skipped_rounds"], stats["steps"])
+    assert all_ranks_true(not problems and not drift and finite and moved and counts == (1, T + 20)), \
+        f"rank {r}: {problems} drift={drift} finite={finite} moved={moved} (skipped, steps)={counts}"
 
 
 @pytest.mark.mpi(min_size=2)
@@ -203,14 +203,17 @@ def test_gradscaler_overflow_on_one_rank_is_skipped_on_all(world, rule, where):
                     problems += _unchanged(before_slots, all_slots(opt))
                     if any(not torch.equal(p, q) for p, q in zip(params, before_params)):
                         problems.append("parameters moved on an overflow step")
-                    if not scaler.get_scale() < scale_before:
-                        problems.append("scale did not back off")
+                    if scaler.get_scale() != scale_before * scaler.get_backoff_factor():
+                        problems.append(f"scale {scale_before} -> {scaler.get_scale()}, not backed off once")
             else:
                 loss.backward()
                 opt.step()
             trace.append([p.detach().clone() for p in params])
         finite = all(torch.isfinite(p).all() for p in params)
         drift = differing_replicated(opt) + [f"parameter {j}" for j in differing_params(params)]
+        skipped = opt.comm_stats()["skipped_rounds"]
+        if skipped != (1 if inject else 0):
+            problems.append(f"{skipped} skipped rounds")
         return trace, problems + drift + ([] if finite else ["non-finite parameters"])
 
     plain, p0 = run(False, False)
