@@ -350,7 +350,7 @@ class CompressionState:
         scale = self._scale()
         fb = self.feedback
         out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), blk.k, self.step, blk.key,
-                       wire_dtype=g_in.dtype, canon=blk.canon, used=used)
+                       wire_dtype=g_in.dtype, canon=blk.canon, used=used, scale=scale)
         # the feedback rules need only p and aux after this point, so the sum can go into the bucket itself
         # (when it is already in the state dtype and unscaled): one bucket-sized buffer less
         into = g_in if (scale is None and g_in.dtype == sdt and g_in.is_contiguous()) else None

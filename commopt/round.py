@@ -7,10 +7,10 @@ and the single-process simulation (:mod:`commopt.simulate`) all run a round as::
     p, aux   = feedback.prepare(state, g, k/d)         the vector to compress (e.g. η·e + g − h_i)
     p        = p · used                                parameters this rank did not use this step send nothing
     idx      = compressor.select(p, k, step, key)      fixed size k (shared indices: mapped to bucket order)
-    vals     = compressor.values(p, idx)               NaN everywhere if g is not finite, so every rank skips
+    vals     = compressor.values(p, idx) · s           NaN everywhere if g is not finite, so every rank skips
     ---------  total = Σ_ranks message                 (exchange.py: all-gather + ordered sum, or all-reduce)
-    mean     = total / n
-    new      = feedback.update(state, g, p, aux, idx, vals, mean)
+    mean     = total / n / s
+    new      = feedback.update(state, g, p, aux, idx, vals / s, mean)   the rank's own message as sent
     new_loc  = where(used, new_loc, old_loc)           an unused parameter's own state stays as it was
     ok       = mean is finite                          the state is committed only if ok (by the caller)
     est      = feedback.estimate(new, mean) if ok else mean;   bucket ← est · s
@@ -83,13 +83,17 @@ class Outgoing:
     p: Tensor                      # the compressed vector (masked where unused)
     aux: State                     # the rule's intermediates (e.g. EF21-SGDM's v, EControl's q)
     idx: Tensor                    # int64 [k], positions in the bucket
-    vals: Tensor                   # [k], the wire dtype
+    vals: Tensor                   # [k], what travels: the wire dtype, times the loss scale if there is one
+    own: Tensor                    # [k], this rank's message as the others receive it, in state units
     used: Optional[Tensor] = None  # bool [d] or None (every parameter used)
+    scale: Optional[Tensor] = None  # the loss scale the wire values carry (None: unscaled)
     extra: list = field(default_factory=list)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the round reads after the exchange (for :func:`hold_on_current_stream`)."""
-        out = [self.g, self.p, self.idx, self.vals, *self.aux.values(), *self.extra]
+        out = [self.g, self.p, self.idx, self.vals, self.own, *self.aux.values(), *self.extra]
+        if self.scale is not None:
+            out.append(self.scale)
         if self.used is not None:
             out.append(self.used)
         return out
@@ -106,8 +110,12 @@ def _bucket_order(idx: Tensor, canon: Optional[tuple[Tensor, Tensor]]) -> Tensor
 
 def compress(compressor: Compressor, feedback: Feedback, state: State, g: Tensor, k: int, step: int, key: int,
              *, wire_dtype: Optional[torch.dtype] = None, canon: Optional[tuple[Tensor, Tensor]] = None,
-             used: Optional[Tensor] = None) -> Outgoing:
-    """Everything before the exchange: feedback input, selection, values, NaN poisoning (see the module doc)."""
+             used: Optional[Tensor] = None, scale: Optional[Tensor] = None) -> Outgoing:
+    """Everything before the exchange: feedback input, selection, values, NaN poisoning (see the module doc).
+
+    ``g`` is in state units (already divided by ``scale``). With a loss scale the values travel multiplied
+    by it, as DDP's own all-reduce carries them, so that small gradients of an fp16 model stay normal
+    numbers on the wire; :func:`conclude` divides the sum by it again."""
     d = g.numel()
     p, aux = feedback.prepare(state, g, k / d)
     if used is not None:
@@ -116,11 +124,16 @@ def compress(compressor: Compressor, feedback: Feedback, state: State, g: Tensor
     if compressor.shared_indices:
         idx = _bucket_order(idx, canon)
     vals = compressor.values(p, idx)
+    if scale is not None:
+        vals = vals * scale.to(vals.dtype)
     if wire_dtype is not None:
         vals = vals.to(wire_dtype)
     # a non-finite local gradient poisons the message, so every rank sees it and skips the step
     vals = torch.where(finite(g), vals, torch.full_like(vals, float("nan")))
-    return Outgoing(g=g, p=p, aux=aux, idx=idx, vals=vals, used=used)
+    own = vals.to(p.dtype)
+    if scale is not None:
+        own = own / scale.to(p.dtype)
+    return Outgoing(g=g, p=p, aux=aux, idx=idx, vals=vals, own=own, used=used, scale=scale)
 
 
 def conclude(feedback: Feedback, state: State, out: Outgoing, total: Tensor, n: int
@@ -128,8 +141,10 @@ def conclude(feedback: Feedback, state: State, out: Outgoing, total: Tensor, n: 
     """Everything after the exchange: (new state, ok, estimate, mean). ``total`` is Σ_ranks of the messages
     (dense, any float dtype); the new state is to be committed only where ``ok``."""
     mean = total.to(out.g.dtype).div_(n)  # total is the exchange's own result: consumed
+    if out.scale is not None:
+        mean.div_(out.scale.to(mean.dtype))
     ok = finite(mean)
-    new = feedback.update(state, out.g, out.p, out.aux, out.idx, out.vals, mean)
+    new = feedback.update(state, out.g, out.p, out.aux, out.idx, out.own, mean)
     if out.used is not None:
         for name in feedback.local_slots:
             if name in new and name in state:

@@ -6,7 +6,7 @@ parameters bitwise identical across ranks (``verify_replicated_state`` through `
 helpers), and, where the option must not change the math, gives the same iterates as the run without
 it: bitwise for ``gradient_as_bucket_view`` and frozen parameters, bitwise on 2 ranks and to rounding
 on more for ``static_graph`` (it changes when DDP rebuilds its buckets), to rounding for a compiled model.
-An fp16 model under a loss scale is checked against the loss-scaling identity (xfail: a commopt bug).
+An fp16 model under a loss scale is checked against the loss-scaling identity (messages travel scaled).
 (``find_unused_parameters=True`` is tested elsewhere.)
 """
 
@@ -238,13 +238,6 @@ def _scaled_fp16_states(comp: str, rule: str, r: int, log2_scale: int) -> tuple[
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60, method="thread")
 @pytest.mark.parametrize("comp,rule", CONFIGS, ids=CONFIG_IDS)
-@pytest.mark.xfail(strict=True, reason=(
-    "commopt bug: compressed rounds send the *unscaled* values in the bucket dtype (hook.py "
-    "CompressionState.compressed_round -> round.compress(unscaled(g_in, scale, sdt), wire_dtype=g_in.dtype)); "
-    "for an fp16 model under a GradScaler the loss scale is divided out before the cast to float16, so "
-    "gradient entries below 2**-14 become subnormal or zero on the wire, which is what loss scaling exists "
-    "to prevent. Warm-up (dense) rounds send scaled values and agree; sending (vals * scale) in fp16 and "
-    "dividing the sum and the own message by the scale makes this test pass."))
 def test_fp16_gradscaler_messages_keep_the_precision_of_the_scaled_gradient(world, comp, rule):
     """The loss-scaling identity: loss × 2^-14 under a GradScaler of scale 2^14 computes the same fp16 buckets as
     the plain loss, so a hook that keeps its state in unscaled units must end with exactly 2^-14 times the
