@@ -50,6 +50,9 @@ class Feedback:
     name: str = "base"
     local_slots: tuple[str, ...] = ()
     shared_slots: tuple[str, ...] = ()
+    #: whether ``update`` reads ``p``; if not, the round drops it before the exchange (one bucket less
+    #: while the message is in flight) and ``update`` gets ``p=None``
+    update_reads_p: bool = False
 
     def check_compressor(self, compressor: Compressor) -> None:
         """Refuse compressors this rule cannot use (non-contractive ones)."""
@@ -107,6 +110,7 @@ class EF14(Feedback):
 
     name = "ef14"
     local_slots = ("e",)
+    update_reads_p = True
 
     def init(self, g: Tensor, mean: Tensor) -> State:
         return {"e": g.new_zeros(g.shape)}

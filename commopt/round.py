@@ -80,7 +80,7 @@ class Outgoing:
     """A rank's half-finished round: the message (idx, vals) and what :func:`conclude` needs."""
 
     g: Tensor                      # the (unscaled) local gradient, state dtype
-    p: Tensor                      # the compressed vector (masked where unused)
+    p: Optional[Tensor]            # the compressed vector (masked where unused); None if update does not read it
     aux: State                     # the rule's intermediates (e.g. EF21-SGDM's v, EControl's q)
     idx: Tensor                    # int64 [k], positions in the bucket
     vals: Tensor                   # [k], what travels: the wire dtype, times the loss scale if there is one
@@ -91,7 +91,9 @@ class Outgoing:
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the round reads after the exchange (for :func:`hold_on_current_stream`)."""
-        out = [self.g, self.p, self.idx, self.vals, self.own, *self.aux.values(), *self.extra]
+        out = [self.g, self.idx, self.vals, self.own, *self.aux.values(), *self.extra]
+        if self.p is not None:
+            out.append(self.p)
         if self.scale is not None:
             out.append(self.scale)
         if self.used is not None:
@@ -133,7 +135,8 @@ def compress(compressor: Compressor, feedback: Feedback, state: State, g: Tensor
     own = vals.to(p.dtype)
     if scale is not None:
         own = own / scale.to(p.dtype)
-    return Outgoing(g=g, p=p, aux=aux, idx=idx, vals=vals, own=own, used=used, scale=scale)
+    return Outgoing(g=g, p=p if feedback.update_reads_p else None, aux=aux, idx=idx, vals=vals, own=own,
+                    used=used, scale=scale)
 
 
 def conclude(feedback: Feedback, state: State, out: Outgoing, total: Tensor, n: int
