@@ -9,10 +9,12 @@ resumption runs 2 gloo ranks spawned with ``torch.multiprocessing``.
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
 import time
+import warnings
 
 import pytest
 import torch
@@ -321,8 +323,8 @@ def test_load_state_dict_refuses_mismatches():
     _, other = build(dict(tau=4))
     with pytest.raises(ValueError, match="tau"):
         other.load_state_dict(sd)
-    with pytest.raises(ValueError, match="not a CO2 state_dict"):
-        other.load_state_dict(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match="not an optimizer state_dict"):
+        other.load_state_dict({"co2": sd["commopt"]})
     _, comp = build(dict(tau=3, compressor="topk:0.5"))
     with pytest.raises(ValueError, match="exchange"):
         comp.load_state_dict(sd)
@@ -394,3 +396,317 @@ def test_non_finite_inputs_are_rejected_early():
     model = net()
     with pytest.raises(ValueError, match="finite"):
         CO2(model, sgd(model), outer_lr=math.nan)
+
+
+# -- checkpoints in torch.optim's shape, atomic loads -----------------------------------------------------------
+def snapshot(model, opt) -> dict:
+    """Everything a load could change, cloned (without calling state_dict(), which settles the exchange)."""
+    ex = opt.exchange
+    return {"theta": opt._theta.clone(), "m": opt._m.clone(), "s": None if opt._s is None else opt._s.clone(),
+            "gap": opt._gap.clone(), "counters": (opt._round, opt._pos, opt._steps),
+            "slots": {k: v.clone() for k, v in ex.slots.items()}, "pending": ex.pending,
+            "result": None if ex._result is None else ex._result[0].clone(), "buffer": ex.buffer.clone(),
+            "inner": copy.deepcopy(opt.optimizer.state_dict()),
+            "params": [p.detach().clone() for p in model.parameters()]}
+
+
+def same_snapshot(a, b) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return isinstance(y, (list, tuple)) and len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+    return eq(a, b)
+
+
+@pytest.mark.timeout(30)
+def test_state_dict_has_torch_optims_shape_and_the_legacy_layout_still_loads():
+    kw = dict(tau=3, compressor="topk:0.3")
+    model, opt = build(kw)
+    ref = run(model, opt, TOTAL, dtype=torch.float32)
+    model, opt = build(kw)
+    run(model, opt, 4, dtype=torch.float32)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "commopt"} and CO2.state_key == "commopt"
+    assert sd["commopt"]["position"] == 1 and sd["commopt"]["exchange"]["completed"] is not None
+    plain = sgd(net(0, torch.float32), 0.05, 0.9)       # the top level is a plain torch.optim state_dict
+    plain.load_state_dict({k: sd[k] for k in ("state", "param_groups")})
+    legacy = {"optimizer": {k: sd[k] for k in ("state", "param_groups")}, "co2": sd["commopt"]}
+    for ck in (sd, legacy):
+        fresh, fresh_opt = build(kw, seed=5)
+        fresh.load_state_dict(model.state_dict())
+        fresh_opt.load_state_dict(copy.deepcopy(ck))
+        got = run(fresh, fresh_opt, TOTAL - 4, start=4, dtype=torch.float32)
+        assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # the optimizer state-dict hooks run around it, as in torch
+    seen = []
+    opt.register_state_dict_post_hook(lambda o, d: seen.append(sorted(d)))
+    opt.register_load_state_dict_pre_hook(lambda o, d: seen.append("pre-load"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == [["commopt", "param_groups", "state"], "pre-load"]
+
+
+def _corrupt(sd: dict, how: str) -> dict:
+    sd = copy.deepcopy(sd)
+    own = sd["commopt"]
+    if how == "momentum size":
+        own["momentum"] = own["momentum"][:-1]
+    elif how == "gap size":
+        own["gap"] = torch.zeros(1)
+    elif how == "start missing":
+        own["start"] = None
+    elif how == "feedback slot size":
+        own["exchange"]["slots"] = {k: v[:3] for k, v in own["exchange"]["slots"].items()}
+    elif how == "completed size":
+        own["exchange"]["completed"]["total"] = own["exchange"]["completed"]["total"][:2]
+    elif how == "position":
+        own["position"] = 3
+    elif how == "version":
+        own["version"] = 99
+    elif how == "inner groups":
+        sd["param_groups"] = sd["param_groups"] + sd["param_groups"]
+    return sd
+
+
+CORRUPT = ["momentum size", "gap size", "start missing", "feedback slot size", "completed size", "position",
+           "version", "inner groups"]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", CORRUPT)
+def test_a_refused_checkpoint_leaves_everything_as_it_was(how):
+    kw = dict(tau=3, compressor="topk:0.3")
+    src_model, src = build(kw)
+    run(src_model, src, 7, dtype=torch.float32)                  # mid-round, a result in flight, EF14 state
+    bad = _corrupt(src.state_dict(), how)
+    model, opt = build(kw, seed=3)
+    run(model, opt, 5, dtype=torch.float32)                      # a live optimizer with its own state
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError):
+        opt.load_state_dict(bad)
+    assert same_snapshot(before, snapshot(model, opt)), how
+    # and it trains on exactly like an untouched twin
+    twin_model, twin = build(kw, seed=3)
+    run(twin_model, twin, 5, dtype=torch.float32)
+    a = run(model, opt, 4, start=5, dtype=torch.float32)
+    b = run(twin_model, twin, 4, start=5, dtype=torch.float32)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.timeout(60)
+def test_an_inner_optimizer_that_refuses_its_state_is_restored():
+    kw = dict(tau=3)
+    src_model, src = build(kw)
+    run(src_model, src, 4, dtype=torch.float32)
+    model, opt = build(kw, seed=3)
+    run(model, opt, 2, dtype=torch.float32)
+    before = snapshot(model, opt)
+    bad = _corrupt(src.state_dict(), "inner groups")             # CO2's part is fine, torch refuses its part
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(bad)
+    assert same_snapshot(before, snapshot(model, opt))
+
+
+# -- torch.distributed.checkpoint's optimizer state dict ---------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("momentum", [0.0, 0.9], ids=["sgd-stateless", "sgd-momentum"])
+def test_dcp_get_and_set_optimizer_state_dict_do_not_step_co2(momentum):
+    """get/set_optimizer_state_dict keep only state/param_groups and, when the inner state is empty, call
+    optim.step() with zero grads and lr=0: that must neither advance CO2's position nor launch anything."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    def make():
+        model = net(0, torch.float32)
+        return model, CO2(model, sgd(model, 0.05, momentum), tau=3)
+
+    ref_model, ref_opt = make()
+    ref = run(ref_model, ref_opt, 9, dtype=torch.float32)
+    model, opt = make()
+    run(model, opt, 5, dtype=torch.float32)                       # position 2: one more step would end the round
+    opt.zero_grad(set_to_none=True)
+    before = (opt.position, opt.round, opt.comm_stats()["launches"], [p.detach().clone() for p in model.parameters()])
+    sd = get_optimizer_state_dict(model, opt)
+    assert set(sd) == {"state", "param_groups"}
+    with pytest.warns(RuntimeWarning, match="holds no CO2 state"):
+        set_optimizer_state_dict(model, opt, sd)
+    after = (opt.position, opt.round, opt.comm_stats()["launches"], [p.detach().clone() for p in model.parameters()])
+    assert before[:3] == after[:3] and all(torch.equal(a, b) for a, b in zip(before[3], after[3]))
+    assert all(p.grad is None for p in model.parameters())
+    got = run(model, opt, 4, start=5, dtype=torch.float32)       # CO2's state was kept: the run is unchanged
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+@pytest.mark.timeout(30)
+def test_load_without_co2_state_loads_the_inner_optimizer_and_keeps_co2_state():
+    model, opt = build(dict(tau=3))
+    run(model, opt, 4, dtype=torch.float32)
+    other_model, other = build(dict(tau=3), seed=2)
+    run(other_model, other, 2, dtype=torch.float32)
+    theta, pos = [t.clone() for t in opt.anchor()], opt.position
+    with pytest.warns(RuntimeWarning, match="CO2's anchor θ, outer momentum, round position and outer exchange "
+                                            "are kept as they are"):
+        opt.load_state_dict(other.optimizer.state_dict())
+    assert opt.position == pos and all(torch.equal(a, b) for a, b in zip(opt.anchor(), theta))
+    for a, b in zip(opt.optimizer.state.values(), other.optimizer.state.values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+
+
+# -- another world size, another rank ---------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_other_world_size_is_refused_or_reset():
+    kw = dict(tau=3, compressor="topk:0.3")
+    model, opt = build(kw)
+    run(model, opt, 7, dtype=torch.float32)         # round 2, position 1, a result in flight, EF14 state
+    sd = opt.state_dict()
+    sd["commopt"]["world_size"] = 2                 # as if saved on 2 ranks (the per-rank parts are this rank's)
+    theta, mom = sd["commopt"]["anchor"].clone(), sd["commopt"]["momentum"].clone()
+    with pytest.raises(ValueError, match="on_world_size_change='reset'"):
+        build(kw, seed=4)[1].load_state_dict(sd)
+    with pytest.raises(ValueError, match="on_world_size_change"):
+        build(dict(kw, on_world_size_change="keep"))
+    fresh, fopt = build(dict(kw, on_world_size_change="reset"), seed=4)
+    fresh.load_state_dict(model.state_dict())
+    with pytest.warns(RuntimeWarning) as rec:
+        fopt.load_state_dict(sd)
+    msgs = [str(w.message) for w in rec if "world size 2" in str(w.message)]
+    assert len(msgs) == 1
+    for name in ("round starts s_i", "completed outer all-reduce", "error-feedback state", "local step"):
+        assert name in msgs[0], (name, msgs[0])
+    assert torch.equal(fopt._theta, theta) and torch.equal(fopt._m, mom) and torch.equal(fopt._s, fopt._theta)
+    assert (fopt.position, fopt.round) == (0, 2) and not fopt.exchange.pending and not fopt.exchange.slots
+    assert float(fopt._gap.abs().sum()) == 0.0
+    assert all(torch.equal(p.detach(), a) for p, a in zip(fresh.parameters(), fopt.anchor()))
+    dense, compressed = fopt.exchange.stats["dense_rounds"], fopt.exchange.stats["compressed_rounds"]
+    run(fresh, fopt, 6, start=7, dtype=torch.float32)         # two round ends: a dense init round, then compressed
+    assert fopt.exchange.stats["dense_rounds"] == dense + 1 and fopt.exchange.slots
+    assert fopt.exchange.stats["compressed_rounds"] == compressed + 1
+    fopt.finish()
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+@pytest.mark.timeout(60)
+def test_another_ranks_checkpoint_is_accepted_as_a_replica_of_that_rank():
+    kw = dict(tau=3)
+    model, opt = build(kw)
+    ref = run(model, opt, TOTAL, dtype=torch.float32)
+    model, opt = build(kw)
+    run(model, opt, 4, dtype=torch.float32)
+    sd = opt.state_dict()
+    sd["commopt"]["rank"] = 1                        # rank 1's file loaded on rank 0 (with rank 1's model)
+    fresh, fopt = build(kw, seed=4)
+    fresh.load_state_dict(model.state_dict())
+    with pytest.warns(RuntimeWarning, match="continues as a replica of rank 1"):
+        fopt.load_state_dict(sd)
+    got = run(fresh, fopt, TOTAL - 4, start=4, dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    # taken at a consensus point (after finish()), nothing in it is per rank: no warning
+    opt.finish()
+    sd = opt.state_dict()
+    sd["commopt"]["rank"] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build(kw, seed=4)[1].load_state_dict(sd)
+
+
+# -- runs that end without finish() ----------------------------------------------------------------------------
+_EXIT_SCRIPT = r"""
+import gc, sys, warnings, weakref
+import torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[4])
+from commopt.optim.co2 import CO2
+rank, store, case = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+
+def make(variant="eager"):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    return model, CO2(model, torch.optim.SGD(model.parameters(), lr=0.1), tau=3, variant=variant)
+
+def train(model, opt, steps):
+    for s in range(steps):
+        g = torch.Generator().manual_seed(10 * rank + s)
+        opt.zero_grad()
+        model(torch.randn(8, 4, generator=g)).pow(2).mean().backward()
+        opt.step()
+
+keep = []
+with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    if case == "mid-round":            # two unfinished optimizers, saved twice each: 2 save warnings, 1 at exit
+        for _ in range(2):
+            model, opt = make(); train(model, opt, 2); opt.state_dict(); opt.state_dict(); keep.append(opt)
+    elif case == "unapplied":          # delayed, at a round end: the models agree, an all-reduce is not applied
+        model, opt = make("delayed"); train(model, opt, 3); opt.exchange.settle(); opt.state_dict(); keep.append(opt)
+    elif case == "finished-or-dropped":
+        model, opt = make(); train(model, opt, 4); opt.finish(); opt.state_dict(); keep.append(opt)
+        model, opt = make(); train(model, opt, 2)     # mid-round, but dropped: the exit check holds no reference
+        ref = weakref.ref(opt); del opt; gc.collect()
+        print("ALIVE" if ref() is not None else "GONE", flush=True)
+print("SAVE-WARNINGS", sum("save model.state_dict() on every rank" in str(w.message) for w in rec), flush=True)
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def _run_two_ranks(tmp_path, case: str) -> list[tuple[int, str, str]]:
+    import subprocess
+    import sys
+
+    script = tmp_path / "exit_check.py"
+    script.write_text(_EXIT_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    store = tmp_path / f"store-{case}"
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(store), case, root], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
+    out = []
+    try:
+        for p in procs:
+            stdout, stderr = p.communicate(timeout=150)
+            out.append((p.returncode, stdout, stderr))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return out
+
+
+@pytest.mark.timeout(400)
+def test_unfinished_run_warns_at_state_dict_and_at_exit(tmp_path):
+    """Two gloo ranks in fresh interpreters: state_dict() warns (once per optimizer) while the models differ;
+    the exit check warns once per process while any live CO2 is unfinished, and keeps none alive."""
+    expect = {  # case: (warnings at state_dict() per rank, warnings at exit per rank)
+        "mid-round": (2, 1), "unapplied": (0, 1), "finished-or-dropped": (0, 0)}
+    for case, (saves, exits) in expect.items():
+        for rc, stdout, stderr in _run_two_ranks(tmp_path, case):
+            assert rc == 0, (case, stderr[-3000:])
+            assert f"SAVE-WARNINGS {saves}" in stdout, (case, stdout)
+            assert stderr.count("exits without opt.finish()") == exits, (case, stderr[-3000:])
+            if case == "finished-or-dropped":
+                assert "GONE" in stdout
+            if exits:
+                assert "RuntimeWarning" in stderr and "call opt.finish() on every rank" in stderr
+
+
+# -- the README's convergence sentence is what the committed sweep shows ------------------------------------------
+@pytest.mark.timeout(30)
+def test_readme_states_the_committed_sweep():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "experiments", "results", "co2_sweep.md")) as f:
+        rows = [line.strip().strip("|").split("|") for line in f if line.count("|") == 9]
+    rows = [cells for cells in rows if cells[0].strip().isdigit()]   # the per-run table, not its header
+    ratios: dict[int, list[float]] = {}
+    for cells in rows:
+        ranks, ddp, co2 = int(cells[0]), float(cells[3]), float(cells[4])
+        ratios.setdefault(ranks, []).append(co2 / ddp)
+    assert sorted(ratios) == [2, 4, 8] and all(len(v) == 3 for v in ratios.values())
+    span = {n: f"{min(v):.2f}–{max(v):.2f}×" for n, v in ratios.items()}
+    with open(os.path.join(root, "README.md")) as f:
+        readme = " ".join(f.read().split())
+    claim = f"{span[2]} DDP's final loss on 2 ranks, {span[4]} on 4 and {span[8]} on 8"
+    assert claim in readme, claim

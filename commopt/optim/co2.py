@@ -11,8 +11,12 @@ SPEC §6, not from the released code.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import math
+import sys
+import warnings
+import weakref
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -31,6 +35,68 @@ __all__ = ["CO2", "local_gradients_hook"]
 
 STATE_VERSION = 1
 _VARIANTS = ("eager", "delayed")
+_WORLD_SIZE_CHANGE = ("error", "reset")
+
+
+def _in_dcp_init_step() -> bool:
+    """True when ``step()`` was called by ``torch.distributed.checkpoint.state_dict._init_optim_state``.
+
+    ``get_optimizer_state_dict`` / ``set_optimizer_state_dict`` call ``optim.step()`` with zero
+    gradients and lr = 0 whenever the inner state is empty (e.g. plain SGD) to materialise it. That
+    is not a training step: CO2 only forwards it to the inner optimizer. The caller is found on the
+    stack (CO2.step <- torch's step wrapper (hooks) <- _init_optim_state), a few frames up at most.
+    """
+    frame = sys._getframe(2)
+    for _ in range(6):
+        if frame is None:
+            return False
+        if frame.f_code.co_name == "_init_optim_state" and \
+                str(frame.f_globals.get("__name__", "")).startswith("torch.distributed.checkpoint"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+# every CO2 alive in this process (weak: registering does not keep an optimizer alive), checked at exit
+_LIVE: "weakref.WeakSet[CO2]" = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _warn_unfinished_at_exit() -> None:
+    """atexit: one warning if any live CO2 ends the process with the ranks' models differing."""
+    try:
+        unfinished = [o for o in list(_LIVE) if o._unfinished()]
+        if not unfinished:
+            return
+        what = "; ".join(f"rank {o.rank}: {o._unfinished_reason()}" for o in unfinished[:3]) + \
+            (" ..." if len(unfinished) > 3 else "")
+    except Exception:   # never fail at exit (e.g. a half-torn-down optimizer)
+        return
+    warnings.warn(
+        f"commopt.CO2: the process exits without opt.finish() while the ranks' models differ ({what}). "
+        f"The model this rank holds is its own local replica, not the consensus, and the last round's "
+        f"progress was never applied: call opt.finish() on every rank at the end of training (before "
+        f"saving the final model and before destroy_process_group()).", RuntimeWarning, stacklevel=1)
+
+
+def _register_for_exit_check(opt: "CO2") -> None:
+    _LIVE.add(opt)
+    if not _EXIT_HOOK:
+        atexit.register(_warn_unfinished_at_exit)
+        _EXIT_HOOK.append(True)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _tensor_of(sd: dict, key: str, numel: int) -> Tensor:
+    t = sd.get(key)
+    if not isinstance(t, Tensor) or not t.is_floating_point() or t.numel() != numel:
+        got = f"a {tuple(t.shape)} {t.dtype} tensor" if isinstance(t, Tensor) else repr(type(t).__name__)
+        raise ValueError(f"CO2 checkpoint is inconsistent: {key!r} must be a floating-point tensor of "
+                         f"{numel} elements, got {got} (a checkpoint of another model?)")
+    return t
 
 
 def local_gradients_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Future:
@@ -118,12 +184,19 @@ class CO2(WrappedOptimizer):
         process_group: defaults to the DDP model's, else the default group.
         check_every: every N rounds verify that θ and m are bitwise identical on all
             ranks (one small blocking all-gather; 0 = never).
+        on_world_size_change: what :meth:`load_state_dict` does with a checkpoint saved with
+            another world size: ``"error"`` (default) refuses it; ``"reset"`` keeps the
+            replicated θ and m, drops the per-rank state (s_i, the completed in-flight
+            all-reduce, the outer exchange's feedback state, which restarts with a dense
+            round) and restarts every rank from θ at position 0 of a round (one warning).
 
     Defaults (τ = 12, α = 1, β = 0.5, φ = 1, adaptive penalty, ``"eager"``) were picked
     from runs of ``experiments/co2_slow_link.py``'s task (teacher-MLP
     classification, inner SGD lr 0.05 momentum 0.9, batch 32 per rank, 480 steps):
-    final loss relative to DDP at equal samples 0.81 / 0.97 / 0.98 on 2 / 4 / 8 ranks
-    (no penalty: 0.67 / 0.87 / 0.91; λ = 2: 0.99 / 1.05 / 1.03). ``"delayed"``
+    final loss relative to DDP at equal samples 0.86 / 0.95 / 0.97 on 2 / 4 / 8 ranks
+    (means over 3 seeds, every run between 0.83 and 0.98: ``experiments/co2_sweep.py``,
+    ``experiments/results/co2_sweep.md``). The alternatives were single-seed
+    development runs: no penalty 0.67 / 0.87 / 0.91, λ = 2 0.99 / 1.05 / 1.03. ``"delayed"``
     double-counts a round's progress (each round restarts from an anchor that lacks
     the previous round), so it needs damping: without a penalty it oscillated
     (2.8-5.1x DDP), with β = 0.2 + adaptive 1.7-1.9x, with β = 0.5 it diverged;
@@ -140,10 +213,21 @@ class CO2(WrappedOptimizer):
     the feedback rule's slots (EF14: 1, EF21: 2, EControl: 3). :meth:`memory_bytes`
     reports them.
 
-    Checkpoints are per rank: save ``model.state_dict()`` (the local parameters
-    differ across ranks mid-round) and :meth:`state_dict` on every rank. An
-    all-reduce in flight is waited for at save time and stored as completed.
+    Checkpoints have torch.optim's shape: :meth:`state_dict` is the inner
+    optimizer's ``{"state", "param_groups"}`` with CO2's own state (θ, m, s_i, the
+    round position, the outer exchange) nested under ``"commopt"``
+    (:attr:`state_key`, the same key as every commopt optimizer); the older layout
+    ``{"optimizer": ..., "co2": ...}`` still loads. They are per rank: save
+    ``model.state_dict()`` (the local parameters differ across ranks mid-round) and
+    :meth:`state_dict` on every rank, or call :meth:`finish` first, after which
+    every rank holds the same model. An all-reduce in flight is waited for at save
+    time and stored as completed. See :meth:`load_state_dict` for what a load
+    accepts (another world size, another rank's file, a checkpoint without CO2's
+    state, e.g. from ``torch.distributed.checkpoint``).
     """
+
+    #: CO2's own state sits under this key beside ``state`` and ``param_groups`` (as for every commopt optimizer)
+    state_key = "commopt"
 
     def __init__(
         self,
@@ -165,6 +249,7 @@ class CO2(WrappedOptimizer):
         link_delay: float = 0.0,
         process_group: Optional[dist.ProcessGroup] = None,
         check_every: int = 0,
+        on_world_size_change: str = "error",
     ) -> None:
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"CO2: model must be a torch.nn.Module or DistributedDataParallel, "
@@ -200,6 +285,9 @@ class CO2(WrappedOptimizer):
                 raise ValueError(f"CO2: link_delay must be >= 0 seconds, got {link_delay!r}")
             if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
                 raise ValueError(f"CO2: check_every must be an integer >= 0, got {check_every!r}")
+            if on_world_size_change not in _WORLD_SIZE_CHANGE:
+                raise ValueError(f"CO2: on_world_size_change must be one of {_WORLD_SIZE_CHANGE}, "
+                                 f"got {on_world_size_change!r}")
             if buffer_dtype is not None and buffer_dtype not in (torch.float32, torch.float64, torch.bfloat16,
                                                                  torch.float16):
                 raise ValueError(f"CO2: buffer_dtype must be a float dtype or None, got {buffer_dtype!r}")
@@ -240,6 +328,7 @@ class CO2(WrappedOptimizer):
                       "penalty": pen.config(), "variant": variant, "overlap": overlap,
                       "exchange": exchange.config(), "model": _signature(params),
                       "optimizer": type(optimizer).__name__, "check_every": check_every,
+                      "on_world_size_change": on_world_size_change,
                       "world_size": dist.get_world_size(group) if use_dist else 1}
             return built, config
 
@@ -259,6 +348,7 @@ class CO2(WrappedOptimizer):
         self.variant: str = variant
         self.overlap: bool = overlap
         self.check_every: int = check_every
+        self.on_world_size_change: str = on_world_size_change
         self.exchange: OuterExchange = built["exchange"]
         self.world_size: int = self.exchange.n
         self.rank: int = dist.get_rank(group) if use_dist else 0
@@ -293,13 +383,21 @@ class CO2(WrappedOptimizer):
         self._pos = 0         # local steps taken in the current round
         self._steps = 0
         self._last_penalty: list[Union[float, Tensor]] = []
+        self._warned_save = False
 
         if is_ddp:
             model.register_comm_hook(None, local_gradients_hook)
+        _register_for_exit_check(self)
 
     # -- the training step ------------------------------------------------------------------------------
     def step(self, closure: Optional[Callable[[], float]] = None):  # type: ignore[override]
-        """One inner step; every τ-th step also ends the round (see the class docstring)."""
+        """One inner step; every τ-th step also ends the round (see the class docstring).
+
+        The step that ``torch.distributed.checkpoint.state_dict`` takes to materialise an empty
+        optimizer state (zero gradients, lr = 0, from ``_init_optim_state``) only reaches the inner
+        optimizer: it neither advances the round position nor launches anything."""
+        if _in_dcp_init_step():
+            return self.optimizer.step(closure)
         loss = self.optimizer.step(closure)
         self._steps += 1
         self._pos += 1
@@ -469,55 +567,227 @@ class CO2(WrappedOptimizer):
             return
         assert_bitwise_same(local, self.process_group, what="CO2: anchor/momentum")
 
+    # -- do the ranks' models differ? ---------------------------------------------------------------------
+    def _models_differ(self) -> bool:
+        """True while the ranks' parameters (may) differ: mid-round, or eager with a round's progress in flight."""
+        if self.world_size <= 1:
+            return False
+        return self._pos != 0 or (self._s is not None and self.exchange.pending)
+
+    def _unfinished(self) -> bool:
+        """True while the run is not at a consensus point: mid-round, or an all-reduce not yet applied."""
+        if self.world_size <= 1:
+            return False
+        return self._pos != 0 or self.exchange.pending
+
+    def _unfinished_reason(self) -> str:
+        parts = []
+        if self._pos != 0:
+            parts.append(f"{self._pos} of tau={self.tau} local steps into round {self._round}")
+        if self.exchange.pending:
+            parts.append(f"the outer all-reduce of round {self._round - 1} not applied")
+        return ", ".join(parts)
+
     # -- checkpoints ------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict:  # type: ignore[override]
-        """The inner optimizer's state plus **this rank's** CO2 state (save one file per rank).
+    def _own_state_dict(self) -> dict:
+        """**This rank's** CO2 state, nested under ``"commopt"`` by :meth:`state_dict` (save one file per rank).
 
         Holds θ, m, s_i, the round position and the outer exchange; an all-reduce in
         flight is waited for now (the wait counts in :attr:`wait_seconds`) and its
-        result stored, so the checkpoint resumes identically.
+        result stored, so the checkpoint resumes identically. Warns (once) if the ranks'
+        models differ now: then ``model.state_dict()`` must be saved on every rank too
+        (or call :meth:`finish` before saving).
         """
-        return {"optimizer": self.optimizer.state_dict(),
-                "co2": {"version": STATE_VERSION, "config": self._config, "world_size": self.world_size,
-                        "rank": self.rank, "round": self._round, "position": self._pos, "steps": self._steps,
-                        "anchor": self._theta.detach().cpu().clone(), "momentum": self._m.detach().cpu().clone(),
-                        "start": self._s.detach().cpu().clone() if self._s is not None else None,
-                        "gap": self._gap.detach().cpu().clone(),
-                        "exchange": self.exchange.state_dict()}}
+        if self._models_differ() and not self._warned_save:
+            self._warned_save = True
+            warnings.warn(
+                f"CO2.state_dict() on rank {self.rank} while the ranks' models differ "
+                f"({self._unfinished_reason()}): save model.state_dict() on every rank, "
+                f"one file per rank, together with this rank's optimizer state, or call opt.finish() on every "
+                f"rank before saving (then every rank holds the same model and a single file is enough).",
+                RuntimeWarning, stacklevel=3)
+        return {"version": STATE_VERSION, "config": self._config, "world_size": self.world_size,
+                "rank": self.rank, "round": self._round, "position": self._pos, "steps": self._steps,
+                "anchor": self._theta.detach().cpu().clone(), "momentum": self._m.detach().cpu().clone(),
+                "start": self._s.detach().cpu().clone() if self._s is not None else None,
+                "gap": self._gap.detach().cpu().clone(),
+                "exchange": self.exchange.state_dict()}
 
-    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
-        """Restore from :meth:`state_dict` of the same rank, world size and configuration.
+    def _split_legacy(self, sd: dict) -> Optional[tuple[dict, Optional[dict]]]:
+        """The layout before torch.optim-shaped checkpoints: ``{"optimizer": inner, "co2": own}``."""
+        if "state" not in sd and "optimizer" in sd and "co2" in sd:
+            return sd["optimizer"], sd["co2"]
+        return None
 
-        Load the model's own (per-rank) ``state_dict`` too. A saved in-flight
-        all-reduce is treated as completed: the next round end applies it without
-        communicating.
-        """
-        if not isinstance(state_dict, dict) or "co2" not in state_dict or "optimizer" not in state_dict:
-            raise ValueError("not a CO2 state_dict (expected keys 'optimizer' and 'co2'); "
-                             "to load a plain optimizer checkpoint use opt.optimizer.load_state_dict()")
-        sd = state_dict["co2"]
+    def _check_exchange_state(self, sd: Any, keep: bool) -> None:
+        """Validate the outer exchange's part (raises ``ValueError``; changes nothing)."""
+        ex = self.exchange
+        if not isinstance(sd, dict):
+            raise ValueError("CO2 checkpoint is inconsistent: no outer exchange state")
+        if sd.get("config") != ex.config():
+            raise ValueError(f"CO2 checkpoint's outer exchange is {sd.get('config')}, this run uses {ex.config()}")
+        if not keep:
+            return
+        slots = sd.get("slots")
+        names = set(ex.feedback.local_slots + ex.feedback.shared_slots) if ex.feedback is not None else set()
+        if not isinstance(slots, dict) or (slots and set(slots) != names):
+            raise ValueError(f"CO2 checkpoint's outer exchange holds feedback state {sorted(slots or {})}, "
+                             f"this run's rule keeps {sorted(names)}")
+        for name in slots:
+            _tensor_of(slots, name, ex.numel)
+        done = sd.get("completed")
+        if done is not None:
+            if not isinstance(done, dict) or not _is_int(done.get("divisor")) or done["divisor"] < 1:
+                raise ValueError("CO2 checkpoint is inconsistent: bad completed outer all-reduce")
+            _tensor_of(done, "total", ex.numel)
+
+    def _check_own(self, sd: Any) -> str:
+        """Validate CO2's part of a checkpoint without changing anything; returns how to load it:
+        ``"same"`` (this rank's own state), ``"other-rank"`` (another rank's file, same world size)
+        or ``"reset"`` (another world size, ``on_world_size_change="reset"``)."""
+        if not isinstance(sd, dict):
+            raise ValueError(f"CO2 checkpoint is inconsistent: its {self.state_key!r} entry is a "
+                             f"{type(sd).__name__}, not a dict")
         if sd.get("version") != STATE_VERSION:
             raise ValueError(f"unsupported CO2 checkpoint version {sd.get('version')!r}")
-        if sd["world_size"] != self.world_size:
-            raise ValueError(f"CO2 checkpoint was saved with world size {sd['world_size']}, this run has "
-                             f"{self.world_size}: the per-rank state (s_i, in-flight result) cannot be mapped")
-        if sd["rank"] != self.rank:
-            raise ValueError(f"CO2 checkpoint holds rank {sd['rank']}'s state, this is rank {self.rank}: "
-                             "load each rank's own file")
+        if not isinstance(sd.get("config"), dict):
+            raise ValueError("CO2 checkpoint is inconsistent: no configuration")
         if sd["config"] != self._config:
             keys = set(sd["config"]) | set(self._config)
             diff = sorted(k for k in keys if sd["config"].get(k) != self._config.get(k))
             raise ValueError(f"CO2 checkpoint was made with another configuration (differs in {diff})")
-        if sd["anchor"].numel() != self._theta.numel():
-            raise ValueError("CO2 checkpoint is for a model of another size")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for key in ("world_size", "rank", "round", "position", "steps"):
+            if not _is_int(sd.get(key)) or sd[key] < 0:
+                raise ValueError(f"CO2 checkpoint is inconsistent: {key!r} = {sd.get(key)!r}")
+        if sd["position"] >= self.tau:
+            raise ValueError(f"CO2 checkpoint is inconsistent: position {sd['position']} >= tau = {self.tau}")
+        if sd["world_size"] != self.world_size:
+            if self.on_world_size_change != "reset":
+                raise ValueError(
+                    f"CO2 checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
+                    f"the per-rank state (round start s_i, the completed in-flight all-reduce, the outer "
+                    f"exchange's feedback state) cannot be mapped; pass on_world_size_change='reset' to keep "
+                    f"θ and m and restart every rank from θ")
+            mode = "reset"
+        else:
+            mode = "same" if sd["rank"] == self.rank else "other-rank"
+        n = self._theta.numel()
+        _tensor_of(sd, "anchor", n)
+        _tensor_of(sd, "momentum", n)
+        if mode != "reset" and self._s is not None:
+            _tensor_of(sd, "start", n)
+        _tensor_of(sd, "gap", len(self._params))
+        self._check_exchange_state(sd.get("exchange"), keep=mode != "reset")
+        return mode
+
+    def _per_rank_parts(self, sd: dict) -> list[str]:
+        """What in a (validated) checkpoint is specific to the rank that saved it."""
+        parts = []
+        if sd["position"] != 0:
+            parts.append(f"its local progress ({sd['position']} of tau={self.tau} steps into the round)")
+        if self._s is not None and not torch.equal(sd["start"], sd["anchor"].to(sd["start"].dtype)):
+            parts.append("its round start s_i")
+        fb = self.exchange.feedback
+        if fb is not None and fb.local_slots and sd["exchange"].get("slots"):
+            parts.append(f"its error-feedback state {list(fb.local_slots)}")
+        return parts
+
+    def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
+        if own is None:
+            self._load_inner_atomically(inner)
+            warnings.warn(
+                "CO2.load_state_dict: the checkpoint holds no CO2 state (no 'commopt' entry: a plain optimizer's "
+                "checkpoint, or one that went through torch.distributed.checkpoint's get_optimizer_state_dict, "
+                "which keeps only 'state' and 'param_groups'). The inner optimizer was loaded; CO2's anchor θ, "
+                "outer momentum, round position and outer exchange are kept as they are. If the model's "
+                "parameters were restored too, they no longer match θ: call opt.finish() on every rank before "
+                "training on (for a CO2 built fresh, that sets θ to the mean of the ranks' restored models). "
+                "To resume exactly, save and load opt.state_dict() itself.",
+                RuntimeWarning, stacklevel=4)
+            return
+        mode = self._check_own(own)
+        self._load_inner_atomically(inner)
+        # -- accepted: nothing below raises --
+        self.exchange.settle()   # a live all-reduce must not write into the buffer while it is restored
         with torch.no_grad():
-            self._theta.copy_(sd["anchor"])
-            self._m.copy_(sd["momentum"])
-            if self._s is not None:
-                self._s.copy_(sd["start"])
-            self._gap.copy_(sd["gap"])
-        self._round = int(sd["round"])
-        self._pos = int(sd["position"])
-        self._steps = int(sd["steps"])
-        self.exchange.load_state_dict(sd["exchange"])
+            self._theta.copy_(own["anchor"])
+            self._m.copy_(own["momentum"])
+            self._round = int(own["round"])
+            self._steps = int(own["steps"])
+            if mode == "reset":
+                dropped = self._reset_to_anchor(own)
+            else:
+                if self._s is not None:
+                    self._s.copy_(own["start"])
+                self._gap.copy_(own["gap"])
+                self._pos = int(own["position"])
+                self.exchange.load_state_dict(own["exchange"])
+        if mode == "reset":
+            warnings.warn(
+                f"CO2.load_state_dict: the checkpoint was saved with world size {own['world_size']}, this run has "
+                f"{self.world_size} (on_world_size_change='reset'): kept the replicated anchor θ and outer "
+                f"momentum m (round {self._round}); dropped " + "; ".join(dropped) + ". Every rank restarts from "
+                f"θ at position 0 (its parameters were set to θ: load the model's state before the optimizer's).",
+                RuntimeWarning, stacklevel=4)
+        elif mode == "other-rank":
+            parts = self._per_rank_parts(own)
+            if parts:
+                warnings.warn(
+                    f"CO2.load_state_dict: this checkpoint holds rank {own['rank']}'s state and this is rank "
+                    f"{self.rank} (same world size {self.world_size}): rank {self.rank} continues as a replica of "
+                    f"rank {own['rank']}, taking " + ", ".join(parts) + f". That is consistent only if the model "
+                    f"state loaded on this rank is rank {own['rank']}'s too (a master-only checkpoint); to resume "
+                    f"exactly, load each rank's own file, or call opt.finish() before saving.",
+                    RuntimeWarning, stacklevel=4)
+
+    @torch.no_grad()
+    def _reset_to_anchor(self, own: dict) -> list[str]:
+        """``on_world_size_change="reset"``: restart from θ; returns what was dropped (for the warning)."""
+        dropped = []
+        if self._s is not None:
+            dropped.append("the per-rank round starts s_i")
+            self._s.copy_(self._theta)
+        ex_sd = own["exchange"]
+        if ex_sd.get("completed") is not None:
+            dropped.append(f"the completed outer all-reduce of round {self._round - 1} (not applied)")
+        if ex_sd.get("slots"):
+            dropped.append(f"the outer exchange's error-feedback state {sorted(ex_sd['slots'])} "
+                           f"(it re-initialises with a dense round)")
+        if own["position"]:
+            dropped.append(f"{own['position']} local step(s) of progress into the round")
+        if not dropped:
+            dropped.append("nothing per rank (the checkpoint was taken at a consensus point)")
+        # no feedback state, nothing completed: stateful rules start again from one dense round
+        self.exchange.load_state_dict({"config": self.exchange.config(), "slots": {}, "completed": None})
+        self._gap.zero_()
+        self._pos = 0
+        for p, (o, k) in zip(self._params, self._slices):
+            p.copy_(self._theta[o:o + k].view_as(p))
+        return dropped
+
+    def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
+        """Restore from :meth:`state_dict`; atomic: a refused checkpoint leaves everything as it was.
+
+        Load the model's own (per-rank) ``state_dict`` first. CO2's part is validated
+        before anything changes, then the inner optimizer is loaded (restored if it
+        refuses), then CO2's state is applied. A saved in-flight all-reduce is treated
+        as completed: the next round end applies it without communicating.
+
+        * **this rank's file**: resumes exactly.
+        * **another world size**: refused unless ``on_world_size_change="reset"`` (see
+          the constructor; one warning names what was dropped).
+        * **another rank's file, same world size** (e.g. rank 0's file loaded on every
+          rank, nanoGPT's master-only checkpoint): accepted; this rank continues as a
+          replica of the saving rank (its s_i, position, error-feedback residual; θ, m
+          and the completed all-reduce are replicated anyway). That is consistent only if
+          the model state loaded here is that rank's too. It warns unless the checkpoint
+          was taken at a consensus point (after :meth:`finish`), where nothing is per rank.
+        * **no CO2 state** (a plain optimizer checkpoint, or one that went through
+          ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps
+          only ``state`` and ``param_groups``): the inner optimizer is loaded and CO2's
+          state is kept as is, with a warning; call :meth:`finish` on every rank after
+          restoring the model (for a freshly built CO2, whose s_i = θ and nothing is in
+          flight, that sets θ to the mean of the ranks' restored models).
+        * the older layout ``{"optimizer": ..., "co2": ...}``: loaded as above.
+        """
+        super().load_state_dict(state_dict)

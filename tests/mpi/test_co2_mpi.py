@@ -9,7 +9,10 @@
   module (no gradient all-reduce during local steps);
 * overlap, asserted on the wait counter; 4-rank convergence within 1.3× of DDP;
   a bad setting on one rank raises on every rank; an in-process checkpoint taken
-  mid-flight resumes identically (fresh-process resumption: tests/test_co2.py).
+  mid-flight resumes identically (fresh-process resumption: tests/test_co2.py);
+* checkpoint edge cases: rank 0's file loaded on every rank (master-only), a
+  resume on half the ranks with ``on_world_size_change="reset"``, and
+  ``torch.distributed.checkpoint``'s optimizer state dict on a DDP model.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -402,7 +406,8 @@ def test_checkpoint_mid_flight_resumes_identically_in_process():
     opt = CO2(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), **kw)
     train(model, opt, 7, rank)                            # round 2, one step in, an all-reduce in flight
     assert opt.exchange.in_flight == 1 and opt.position == 1
-    saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
+    with pytest.warns(RuntimeWarning, match=r"save model.state_dict\(\) on every rank"):   # the models differ
+        saved = {"model": {k: v.clone() for k, v in model.state_dict().items()}, "opt": opt.state_dict()}
     fresh = torch.nn.Linear(D_IN, 1).double()
     fresh_opt = CO2(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9), **kw)
     fresh.load_state_dict(saved["model"])
@@ -453,3 +458,120 @@ def test_four_rank_convergence_within_1_3x_of_ddp():
         start = float(torch.nn.functional.cross_entropy(mlp()(x), y))
     assert co2_loss < 0.5 * start
     assert co2_loss <= 1.3 * ddp_loss, (co2_loss, ddp_loss)
+
+
+# -- checkpoint edge cases on real ranks -----------------------------------------------------------------
+def _replicated_bits(opt) -> bytes:
+    return bits(opt.anchor()) + bits(opt.momentum()) + bits(opt.exchange.replicated_slots())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("comp", [None, "topk:0.3"], ids=["dense", "topk-ef14"])
+def test_rank0s_checkpoint_on_every_rank_continues_as_replicas_of_rank0(comp):
+    """nanoGPT's master-only pattern: rank 0's model and optimizer state loaded everywhere, taken mid-round with
+    an all-reduce in flight. Every rank becomes a replica of rank 0 and training stays consistent."""
+    from mpi_helpers import all_ranks_true, roundtrip
+
+    rank = dist.get_rank()
+    kw = dict(tau=3, compressor=comp)
+    model = linear()
+    opt = CO2(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), **kw)
+    train(model, opt, 7, rank)                            # round 2, one step in, an all-reduce in flight
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")                   # "save per rank": this test saves rank 0's only
+        ck = [roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})]
+    dist.broadcast_object_list(ck, src=0)
+    fresh = torch.nn.Linear(D_IN, 1).double()
+    fopt = CO2(fresh, torch.optim.SGD(fresh.parameters(), lr=0.05, momentum=0.9), check_every=1, **kw)
+    fresh.load_state_dict(ck[0]["model"])
+    error = None
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            fopt.load_state_dict(ck[0]["opt"])
+        except Exception as exc:   # agreed on below, so that no rank is left alone in a collective
+            error = exc
+    replica = [w for w in rec if f"rank {rank} continues as a replica of rank 0" in str(w.message)]
+    ok = error is None and len(replica) == (0 if rank == 0 else 1) and len(rec) == len(replica)
+    assert all_ranks_true(ok), (error, [str(w.message) for w in rec])
+    assert len(set(gather(bits(fresh.parameters())))) == 1
+    assert len(set(gather(_replicated_bits(fopt)))) == 1
+    train(fresh, fopt, 8, rank)                           # check_every=1 verifies θ, m (and w/h) every round
+    fopt.finish()
+    assert len(set(gather(bits(fresh.parameters()) + _replicated_bits(fopt)))) == 1
+    assert all(torch.isfinite(p).all() for p in fresh.parameters())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_resume_on_half_the_ranks_resets_to_the_anchor():
+    """Save on n ranks mid-flight (compressed, EF14), resume on two groups of n/2 ranks: "error" refuses,
+    "reset" keeps θ and m, restarts every rank at θ and re-initialises the feedback with a dense round."""
+    from mpi_helpers import roundtrip
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    if n % 2:
+        pytest.skip("needs an even number of ranks")
+    half = n // 2
+    groups = [dist.new_group(list(range(i, i + half))) for i in (0, half)]
+    mine = groups[rank // half]
+    kw = dict(tau=3, compressor="topk:0.3")
+    model = linear()
+    opt = CO2(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), **kw)
+    train(model, opt, 7, rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    theta, mom = ck["opt"]["commopt"]["anchor"], ck["opt"]["commopt"]["momentum"]
+
+    def fresh_pair(**more):
+        m = torch.nn.Linear(D_IN, 1).double()
+        return m, CO2(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), process_group=mine, **kw, **more)
+
+    m1, o1 = fresh_pair()
+    m1.load_state_dict(ck["model"])
+    with pytest.raises(ValueError, match=f"world size {n}, this run has {half}"):
+        o1.load_state_dict(ck["opt"])
+    m2, o2 = fresh_pair(on_world_size_change="reset", check_every=1)
+    m2.load_state_dict(ck["model"])
+    with pytest.warns(RuntimeWarning, match="dropped the per-rank round starts s_i; the completed outer all-reduce"):
+        o2.load_state_dict(ck["opt"])
+    assert torch.equal(o2._theta, theta) and torch.equal(o2._m, mom) and o2.position == 0
+    assert all(torch.equal(p.detach(), a) for p, a in zip(m2.parameters(), o2.anchor()))
+    assert len(set(gather(bits(m2.parameters())))) == 1   # every rank of both groups restarts at the same θ
+    dense = o2.exchange.stats["dense_rounds"]
+    train(m2, o2, 9, rank)                                 # 3 rounds on the new group, verified every round
+    o2.finish()
+    assert o2.exchange.stats["dense_rounds"] == dense + 2  # the re-initialising round + finish()'s average
+    params = gather(bits(m2.parameters()))                 # each group ends with one model
+    first = (rank // half) * half
+    assert all(p == params[first] for p in params[first:first + half])
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_dcp_optimizer_state_dict_on_a_ddp_model_does_not_step_co2():
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    rank = dist.get_rank()
+
+    def make():
+        net = DDP(linear())
+        return net, CO2(net, torch.optim.SGD(net.parameters(), lr=0.05), tau=3)
+
+    ref_net, ref_opt = make()
+    ref = train(ref_net, ref_opt, 9, rank)
+    net, opt = make()
+    train(net, opt, 5, rank)                               # position 2: a full step would end the round
+    opt.zero_grad(set_to_none=True)
+    launches = opt.comm_stats()["launches"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sd = get_optimizer_state_dict(net, opt)
+    with pytest.warns(RuntimeWarning, match="holds no CO2 state"):
+        set_optimizer_state_dict(net, opt, sd)
+    assert (opt.position, opt.round, opt.comm_stats()["launches"]) == (2, 1, launches)
+    rest = train(net, opt, 4, rank)
+    for a, b in zip(rest[-1], ref[-1]):
+        assert torch.equal(a, b)
