@@ -106,3 +106,19 @@ def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None
     values = [int(x) for x in sums]
     if any(v != values[0] for v in values):
         raise RuntimeError(f"{what} differs across ranks (checksums {values})")
+
+
+def refuse_together(error: Optional[str], group: Optional[dist.ProcessGroup] = None, what: str = "load") -> None:
+    """A collective: every rank passes its own refusal (a message) or None; if any rank refused, raise
+    ``ValueError`` on every rank naming each refusing rank and its reason. Without an initialised process
+    group (or with one rank) it raises the local refusal only."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if error is not None:
+            raise ValueError(f"{what}: {error}")
+        return
+    errors: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(errors, error, group=group)
+    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if bad:
+        raise ValueError(f"{what} refused on rank(s) {[r for r, _ in bad]}; nothing was changed on any rank:\n  "
+                         + "\n  ".join(f"rank {r}: {e}" for r, e in bad))

@@ -705,8 +705,14 @@ class CO2(WrappedOptimizer):
                 "To resume exactly, save and load opt.state_dict() itself.",
                 RuntimeWarning, stacklevel=4)
             return
-        mode = self._check_own(own)
-        self._load_inner_atomically(inner)
+        mode, error = "same", None
+        try:
+            mode = self._check_own(own)
+        except ValueError as exc:
+            error = str(exc)
+        # every rank accepts, or every rank raises with nothing changed (one collective)
+        self._load_inner_agreed(inner, error, self.process_group if self.use_dist else None,
+                                "CO2.load_state_dict")
         # -- accepted: nothing below raises --
         self.exchange.settle()   # a live all-reduce must not write into the buffer while it is restored
         with torch.no_grad():

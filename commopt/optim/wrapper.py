@@ -99,6 +99,28 @@ class WrappedOptimizer(Optimizer):
                 g.update(items)
             raise
 
+    def _load_inner_agreed(self, inner: dict, error: Optional[str], group: Any, what: str) -> None:
+        """Load the inner optimizer only if every rank accepts its checkpoint: ``error`` is this rank's
+        refusal of its own part (or None); the inner load's own refusal joins it; one collective
+        (:func:`commopt.consistency.refuse_together`) then raises on every rank, with every rank's inner
+        optimizer as it was, or returns with all of them loaded."""
+        from ..consistency import refuse_together
+        old = None if isinstance(self.optimizer, WrappedOptimizer) else \
+            (self.optimizer.state, self.optimizer.param_groups)
+        loaded = False
+        if error is None:
+            try:
+                self._load_inner_atomically(inner)
+                loaded = True
+            except Exception as exc:  # noqa: BLE001 - reported to every rank
+                error = f"the inner optimizer refused it ({type(exc).__name__}: {exc})"
+        try:
+            refuse_together(error, group, what)
+        except ValueError:
+            if loaded and old is not None:
+                self.optimizer.__setstate__({"state": old[0], "param_groups": old[1]})
+            raise
+
     def state_dict(self) -> dict:  # type: ignore[override]
         """torch.optim's ``{"state", "param_groups"}`` of the inner optimizer plus the wrapper's own state
         under :attr:`state_key`; the optimizer state-dict pre/post hooks run as in torch."""

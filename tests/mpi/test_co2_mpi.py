@@ -575,3 +575,44 @@ def test_dcp_optimizer_state_dict_on_a_ddp_model_does_not_step_co2():
     rest = train(net, opt, 4, rank)
     for a, b in zip(rest[-1], ref[-1]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("where", ["co2", "inner"])
+def test_checkpoint_refused_on_one_rank_is_refused_on_every_rank(where):
+    """A checkpoint that only the last rank refuses (its CO2 part, or its inner optimizer's part) raises on
+    every rank, naming that rank, and leaves every rank's optimizer exactly as it was."""
+    from mpi_helpers import all_ranks_true, roundtrip
+
+    rank, n = dist.get_rank(), dist.get_world_size()
+    model = linear()
+    opt = CO2(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), tau=3)
+    train(model, opt, 7, rank)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ck = roundtrip(opt.state_dict())
+        before = roundtrip(opt.state_dict())
+    if rank == n - 1:
+        if where == "co2":
+            ck["commopt"]["version"] = 99
+        else:
+            ck["param_groups"] = ck["param_groups"] + ck["param_groups"]  # a group the optimizer lacks
+    # one real change elsewhere, so that a partial load would show
+    ck["state"] = {k: {**v, "momentum_buffer": v["momentum_buffer"] + 1.0} for k, v in ck["state"].items()}
+    error = None
+    try:
+        opt.load_state_dict(ck)
+    except ValueError as exc:
+        error = str(exc)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after = opt.state_dict()
+    same = all(torch.equal(after["state"][k]["momentum_buffer"], before["state"][k]["momentum_buffer"])
+               for k in before["state"]) and after["commopt"]["round"] == before["commopt"]["round"] \
+        and torch.equal(after["commopt"]["anchor"], before["commopt"]["anchor"])
+    ok = error is not None and f"rank(s) [{n - 1}]" in error and same
+    assert all_ranks_true(ok), (error, same)
+    train(model, opt, 3, rank)   # still usable, still in step with the other ranks
+    opt.finish()
+    assert len(set(gather(bits(model.parameters())))) == 1
