@@ -213,7 +213,7 @@ def test_conv2d_statistics_vs_unfolded_reference(kw):
 
 
 def test_statistics_do_not_depend_on_the_loss_scale():
-    """A real torch.amp.GradScaler: ḡ is divided by the scale at backward time (powers of two: exact)."""
+    """A real torch.amp.GradScaler: ḡ is divided by the scale the backward ran with (powers of two: exact)."""
     results = []
     for init_scale in (1.0, 2.0 ** 10, 2.0 ** 20):
         torch.manual_seed(0)
@@ -539,8 +539,10 @@ def test_load_state_dict_errors():
         MKOR(model, torch.optim.SGD(model.parameters(), lr=0.1), rule="ema").load_state_dict(sd)
     with pytest.raises(ValueError, match="layers"):
         MKOR(model, torch.optim.SGD(model.parameters(), lr=0.1), skip=["fc2"]).load_state_dict(sd)
-    with pytest.raises(ValueError, match="not an MKOR state_dict"):
-        opt.load_state_dict(opt.optimizer.state_dict())
+    with pytest.raises(ValueError, match="not a valid MKOR checkpoint"):
+        opt.load_state_dict({**sd, "mkor": {"version": 1}})
+    with pytest.raises(ValueError, match="expected keys 'state' and 'param_groups'"):
+        opt.load_state_dict({"optimizer": sd})
 
 
 # -- MKOR-H ------------------------------------------------------------------------------------------
@@ -691,3 +693,328 @@ def test_mlp_on_non_negative_inputs_reaches_the_base_optimizers_best_loss_sooner
     mk = _mlp_curve(x, y, make, steps, dict())
     hit = next(i for i, v in enumerate(mk) if v <= best)
     assert hit <= 0.6 * steps, (hit, best)
+
+
+# -- torch.optim-shaped checkpoints, torch.distributed.checkpoint -----------------------------------
+
+def _make_net(rule="shrink", hybrid=False, momentum=0.9, update_every=3):
+    torch.manual_seed(0)
+    model = Net()
+    return model, MKOR(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum), rule=rule,
+                       update_every=update_every, hybrid=hybrid, knee_min_updates=2)
+
+
+def _snapshot(model, opt):
+    return ([p.detach().clone() for p in model.parameters()],
+            {k: (a.clone(), b.clone()) for k, (a, b) in opt.factors().items()})
+
+
+def _same(s1, s2) -> bool:
+    (p1, f1), (p2, f2) = s1, s2
+    return (all(torch.equal(a, b) for a, b in zip(p1, p2))
+            and all(torch.equal(f1[k][i], f2[k][i]) for k in f1 for i in (0, 1)))
+
+
+def test_state_dict_has_torch_optim_shape_and_the_old_layout_still_loads():
+    model, opt = _make_net()
+    _train(model, opt, 5)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "mkor"}
+    base = opt.optimizer.state_dict()
+    assert sd["param_groups"] == base["param_groups"] and sd["state"].keys() == base["state"].keys()
+    assert sd["mkor"]["steps"] == 5 and sorted(sd["mkor"]["factors"]) == ["conv", "fc1", "fc2"]
+    _train(model, opt, 4, start=5)
+    ref = _snapshot(model, opt)
+    for layout in ("new", "old"):
+        model2, opt2 = _make_net()
+        _train(model2, opt2, 5)  # the same state again, then a checkpoint in each layout
+        ck = opt2.state_dict()
+        if layout == "old":  # {"optimizer": base state_dict, "mkor": MKOR's part}
+            ck = {"optimizer": {"state": ck["state"], "param_groups": ck["param_groups"]}, "mkor": ck["mkor"]}
+        buf = io.BytesIO()
+        torch.save({"model": model2.state_dict(), "opt": ck}, buf)
+        buf.seek(0)
+        ck = torch.load(buf, weights_only=False)
+        model3, opt3 = _make_net()
+        model3.load_state_dict(ck["model"])
+        opt3.load_state_dict(ck["opt"])
+        _train(model3, opt3, 4, start=5)
+        assert _same(ref, _snapshot(model3, opt3)), layout
+
+
+def test_load_is_atomic():
+    """A bad MKOR part changes nothing (checked before the base optimizer loads); a base optimizer
+    load that fails leaves both the base optimizer and MKOR as they were."""
+    model, opt = _make_net()
+    _train(model, opt, 4)
+    good = opt.state_dict()
+    model2, opt2 = _make_net()
+    _train(model2, opt2, 2)
+    before = (opt2.state_dict(), _snapshot(model2, opt2))
+
+    def unchanged() -> bool:
+        sd = opt2.state_dict()
+        return (sd["mkor"]["steps"] == before[0]["mkor"]["steps"] == 2 and _same(before[1], _snapshot(model2, opt2))
+                and all(torch.equal(sd["state"][k]["momentum_buffer"], before[0]["state"][k]["momentum_buffer"])
+                        for k in sd["state"]))
+
+    bad_shape = {**good, "mkor": {**good["mkor"], "factors": {**good["mkor"]["factors"],
+                                                             "fc2": {"left": torch.eye(3), "right": torch.eye(5)}}}}
+    with pytest.raises(ValueError, match="factor shapes"):
+        opt2.load_state_dict(bad_shape)
+    assert unchanged()
+    bad_groups = {**good, "param_groups": good["param_groups"] + good["param_groups"]}
+    with pytest.raises(ValueError):
+        opt2.load_state_dict(bad_groups)
+    assert unchanged()
+    bad_events = {**good, "mkor": {**good["mkor"], "events": {"blended": 0}}}
+    with pytest.raises(ValueError, match="not a valid MKOR checkpoint"):
+        opt2.load_state_dict(bad_events)
+    assert unchanged()
+    opt2.load_state_dict(good)
+    assert opt2.state_dict()["mkor"]["steps"] == 4
+
+
+def test_load_without_mkor_part_warns_loads_the_base_and_restarts_the_factors():
+    model, opt = _make_net(hybrid=True)
+    _train(model, opt, 7, hybrid=True)
+    opt.switched = True  # pretend MKOR-H had switched: the plain checkpoint cannot say so
+    base_sd = opt.optimizer.state_dict()
+    model2, opt2 = _make_net(hybrid=True)
+    _train(model2, opt2, 4, hybrid=True)
+    with pytest.warns(UserWarning, match="no 'mkor' entry.*restart from identity"):
+        opt2.load_state_dict(base_sd)
+    assert all(torch.equal(opt2.state[p]["momentum_buffer"], base_sd["state"][j]["momentum_buffer"])
+               for j, p in enumerate(opt2.params()))
+    mk = opt2.state_dict()["mkor"]
+    assert mk["steps"] == 0 and mk["updates"] == 0 and not mk["hybrid"]["switched"]
+    assert all(torch.equal(f, torch.eye(f.shape[0], dtype=f.dtype)) for lr in opt2.factors().values() for f in lr)
+    _train(model2, opt2, 2, hybrid=True)  # and it trains on
+    assert opt2.state_dict()["mkor"]["steps"] == 2
+
+
+def _dcp():
+    return pytest.importorskip("torch.distributed.checkpoint.state_dict")
+
+
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_dcp_get_optimizer_state_dict_does_not_disturb_mkor(hybrid):
+    """get_optimizer_state_dict steps an optimizer with empty state (here SGD without momentum)
+    with zero gradients and lr 0 (``_init_optim_state``); at a step where MKOR would update its
+    factors. Only the base optimizer may see that step: MKOR's factors, counters and update schedule
+    are untouched and the run continues exactly as without the call (MKOR-H does not ask for a loss)."""
+    dcp = _dcp()
+    model, opt = _make_net(rule="ema", hybrid=hybrid, momentum=0.0, update_every=2)
+    _train(model, opt, 4, hybrid=hybrid)
+    opt.zero_grad()  # no gradients and an empty state (stateless SGD): _init_optim_state will step
+    assert not opt.state
+    mk_before = opt.state_dict()["mkor"]
+    osd = dcp.get_optimizer_state_dict(model, opt)
+    assert set(osd) == {"state", "param_groups"} and "fc1.weight" in osd["param_groups"][0]["params"]
+    mk_after = opt.state_dict()["mkor"]
+    assert (mk_after["steps"], mk_after["updates"], mk_after["comm"]) == \
+        (mk_before["steps"], mk_before["updates"], mk_before["comm"]) == (4, 2, mk_before["comm"])
+    assert all(torch.equal(mk_after["factors"][k][s], mk_before["factors"][k][s])
+               for k in mk_before["factors"] for s in ("left", "right"))
+    assert all(p.grad is None for p in model.parameters())
+    _train(model, opt, 4, start=4, hybrid=hybrid)
+    ref_model, ref_opt = _make_net(rule="ema", hybrid=hybrid, momentum=0.0, update_every=2)
+    _train(ref_model, ref_opt, 8, hybrid=hybrid)
+    assert _same(_snapshot(model, opt), _snapshot(ref_model, ref_opt))
+
+
+def test_dcp_set_optimizer_state_dict_and_the_preconditioner_part_beside_it():
+    """A checkpoint through torch.distributed.checkpoint.state_dict (state/param_groups by FQN) plus
+    preconditioner_state_dict() saved beside it resumes exactly; without the latter the base
+    optimizer loads with a warning (fresh factors)."""
+    dcp = _dcp()
+    model, opt = _make_net(rule="ema", update_every=2)
+    _train(model, opt, 5)
+    ck = {"model": {k: v.clone() for k, v in model.state_dict().items()},
+          "optim": dcp.get_optimizer_state_dict(model, opt), "mkor": opt.preconditioner_state_dict()}
+    ck = torch.load(io.BytesIO(_saved(ck)), weights_only=False)
+    _train(model, opt, 4, start=5)
+    model2, opt2 = _make_net(rule="ema", update_every=2)
+    model2.load_state_dict(ck["model"])
+    with pytest.warns(UserWarning, match="no 'mkor' entry"):
+        dcp.set_optimizer_state_dict(model2, opt2, ck["optim"])
+    opt2.load_preconditioner_state_dict(ck["mkor"])
+    assert opt2.state_dict()["mkor"]["steps"] == 5
+    _train(model2, opt2, 4, start=5)
+    assert _same(_snapshot(model, opt), _snapshot(model2, opt2))
+    with pytest.raises(ValueError, match="rule"):
+        MKOR(model2, torch.optim.SGD(model2.parameters(), lr=0.1)).load_preconditioner_state_dict(ck["mkor"])
+
+
+def _saved(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+def test_mkor_over_mkor_is_refused():
+    model = Net()
+    inner = MKOR(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(TypeError, match="'mkor'"):
+        MKOR(model, inner)
+
+
+# -- tied weights ------------------------------------------------------------------------------------
+
+class TiedLM(nn.Module):
+    """Token embedding tied to the output projection (GPT's lm_head.weight = wte.weight)."""
+
+    def __init__(self, vocab: int = 11, d: int = 6) -> None:
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d, dtype=F64)
+        self.mid = nn.Linear(d, d, dtype=F64)
+        self.lm_head = nn.Linear(d, vocab, bias=False, dtype=F64)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx):
+        return self.lm_head(torch.tanh(self.mid(self.wte(idx))))
+
+
+def test_a_weight_tied_to_another_module_gets_exactly_one_plain_update():
+    torch.manual_seed(0)
+    model = TiedLM()
+    opt = MKOR(model, torch.optim.SGD(model.parameters(), lr=0.1), update_every=1)
+    assert opt.layer_names == ["mid"] and opt.tied_layers == ["lm_head"]
+    shared = model.wte.weight
+    assert sum(p is shared for p in opt.params()) == 1
+    g = torch.Generator().manual_seed(1)
+    for t in range(3):
+        idx = torch.randint(0, 11, (4, 7), generator=g)
+        opt.zero_grad()
+        F.cross_entropy(model(idx).reshape(-1, 11), idx.roll(1, 1).reshape(-1)).backward()
+        raw = {n: p.grad.clone() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        opt.step()
+        after = dict(model.named_parameters())
+        # the tied weight (embedding + lm_head gradient, summed by autograd) moves by exactly -lr * raw grad
+        assert torch.allclose(after["wte.weight"], before["wte.weight"] - 0.1 * raw["wte.weight"], rtol=0, atol=1e-15)
+        assert not torch.allclose(after["mid.weight"], before["mid.weight"] - 0.1 * raw["mid.weight"],
+                                  rtol=0, atol=1e-6)  # preconditioned
+        assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert "lm_head" not in opt.factors()
+
+
+def test_two_linears_sharing_one_weight_are_both_left_alone():
+    lin = nn.Linear(4, 4, dtype=F64)
+    m = nn.Sequential(nn.Linear(3, 4, dtype=F64), nn.Tanh(), lin, nn.Tanh(), nn.Linear(4, 4, dtype=F64))
+    m[4].weight = lin.weight
+    opt = MKOR(m, torch.optim.SGD(m.parameters(), lr=0.1))
+    assert opt.layer_names == ["0"] and opt.tied_layers == ["2", "4"]
+    m(torch.randn(5, 3, dtype=F64)).sum().backward()
+    opt.step()
+    assert all(bool(torch.isfinite(p).all()) for p in m.parameters())
+
+
+# -- add_param_group ---------------------------------------------------------------------------------
+
+def test_add_param_group_delegates_to_the_base_optimizer():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(3, 4, dtype=F64), nn.Tanh(), nn.Linear(4, 2, dtype=F64))
+    m[2].weight.requires_grad_(False)
+    base = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.1)
+    opt = MKOR(m, base)
+    assert opt.layer_names == ["0"]
+    m[2].weight.requires_grad_(True)  # unfrozen later: added with its own learning rate
+    opt.add_param_group({"params": m[2].weight, "lr": 0.01})
+    assert len(base.param_groups) == 2 and base.param_groups[1]["params"] == [m[2].weight]
+    assert opt.param_groups is base.param_groups and base.param_groups[1]["momentum"] == 0
+    opt.zero_grad()
+    m(torch.randn(6, 3, dtype=F64)).square().mean().backward()
+    g, w = m[2].weight.grad.clone(), m[2].weight.detach().clone()
+    opt.step()
+    assert torch.equal(m[2].weight, w - 0.01 * g)  # passes through, unpreconditioned
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)]})
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [m[0].weight]})
+    assert len(base.param_groups) == 2
+
+
+# -- torch.compile -----------------------------------------------------------------------------------
+
+class TinyGPT(nn.Module):
+    """One pre-LN transformer block on tokens and a tied lm_head: Linear layers on 3-D inputs."""
+
+    def __init__(self, vocab: int = 32, d: int = 16, heads: int = 2, block: int = 8) -> None:
+        super().__init__()
+        self.heads = heads
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(block, d)
+        self.ln1, self.ln2, self.lnf = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, idx, targets):
+        b, t = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(t, device=idx.device))
+        q, k, v = self.qkv(self.ln1(x)).split(x.shape[-1], dim=2)
+        q, k, v = (z.view(b, t, self.heads, -1).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, -1)
+        x = x + self.proj(y)
+        x = x + self.out(self.act(self.fc(self.ln2(x))))
+        logits = self.lm_head(self.lnf(x))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def _compile_or_skip():
+    try:
+        import torch._dynamo  # noqa: F401
+        f = torch.compile(lambda x: x * 2, backend="aot_eager")
+        f(torch.ones(2))
+    except Exception as exc:  # no dynamo on this Python / build
+        pytest.skip(f"torch.compile unavailable: {type(exc).__name__}: {exc}")
+    import torch._dynamo
+    return torch._dynamo
+
+
+@pytest.mark.timeout(300)
+def test_compiled_model_matches_eager_without_graph_breaks():
+    """MKOR's statistics are captured by traceable code: a torch.compile'd model (aot_eager) gives the
+    eager run's parameters, factors and statistics, in one graph per collecting state (2 graphs, 1
+    recompile when the collecting flag flips; no graph break), also with gradient accumulation. MKOR
+    built over the compiled module names its layers as over the plain one."""
+    dynamo = _compile_or_skip()
+    from torch._dynamo.utils import counters
+
+    def data(t):
+        g = torch.Generator().manual_seed(t)
+        return torch.randint(0, 32, (3, 8), generator=g), torch.randint(0, 32, (3, 8), generator=g)
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = TinyGPT()
+        f = torch.compile(model, backend="aot_eager") if compiled else model
+        opt = MKOR(f, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), update_every=2)  # unwraps f
+        stats = []
+        for t in range(6):
+            opt.zero_grad()
+            for micro in range(1 + t % 2):  # gradient accumulation on odd steps
+                f(*data(10 * t + micro)).backward()
+            stats.append({k: (a.clone(), g.clone()) for k, (a, g) in opt.local_statistics().items()})
+            opt.step()
+        return model, opt, stats
+
+    m1, o1, s1 = run(False)
+    dynamo.reset()
+    counters.clear()
+    m2, o2, s2 = run(True)
+    breaks = sum(counters["graph_break"].values())
+    graphs = counters["stats"]["unique_graphs"]
+    assert breaks == 0, dict(counters["graph_break"])
+    assert graphs == 2, graphs
+    assert o1.tied_layers == ["lm_head"] and o1.layer_names == o2.layer_names == ["qkv", "proj", "fc", "out"]
+    assert [sorted(s) for s in s1] == [sorted(s) for s in s2] and any(s1)
+    for a, b in zip(s1, s2):
+        assert all(torch.allclose(a[k][i], b[k][i], rtol=1e-5, atol=1e-6) for k in a for i in (0, 1))
+    assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(m1.parameters(), m2.parameters()))
+    for k, (left, right) in o1.factors().items():
+        assert torch.allclose(left, o2.factors()[k][0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(right, o2.factors()[k][1], rtol=1e-5, atol=1e-6)
+    dynamo.reset()

@@ -12,8 +12,11 @@ Rank-1 Updates", NeurIPS 2023, arXiv 2306.01685. Per layer and update (Algorithm
 
 Data path with communication-efficient DDP::
 
-    backward: DDP (or CompressedOptimizer's hook) averages G into .grad; MKOR's tensor hooks
-              sum ā, ḡ locally (only in the iteration before an update step)
+    forward:  MKOR's forward hooks wrap each layer's output in an identity whose backward hands
+              Σ a, rows, Σ δ to probe leaves as gradients (only in the iteration before an update
+              step; traceable, so torch.compile keeps one graph)
+    backward: DDP (or CompressedOptimizer's hook) averages G into .grad; autograd accumulates the
+              probes' gradients locally
     MKOR.step: one all-reduce of Σ(d_in + d_out) values -> factor updates -> .grad ← P
                -> base_optimizer.step()   (e.g. CompressedOptimizer(ddp, SGD).step())
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -42,6 +46,9 @@ __all__ = ["MKOR", "KneeSwitch"]
 _log = logging.getLogger("commopt.mkor")
 
 SkipSpec = Union[str, nn.Module, type]
+
+# torch.compiler.is_compiling (torch >= 2.3); dynamo folds it to True while tracing
+_is_compiling: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", None) or (lambda: False)
 
 
 class KneeSwitch:
@@ -105,21 +112,43 @@ class _Layer:
     bias: bool  # bias folded in as an extra input column of ones
     left: Tensor   # L⁻¹ ("ema") or F ("shrink"), d_out × d_out
     right: Tensor  # R⁻¹ or F, (d_in + bias) × (d_in + bias)
-    a_sum: Optional[Tensor] = None
-    rows: int = 0
-    g_sum: Optional[Tensor] = None
+    probes: L.Probes = field(init=False)  # statistics since the last clear, as the probes' gradients
     handles: list = field(default_factory=list)
 
-    def clear(self) -> None:
-        self.a_sum, self.rows, self.g_sum = None, 0, None
+    def __post_init__(self) -> None:
+        self.probes = L.Probes(self.module)
 
-    def add(self, a_sum: Tensor, rows: int, g_sum: Tensor) -> None:
-        self.a_sum = a_sum if self.a_sum is None else self.a_sum + a_sum
-        self.g_sum = g_sum if self.g_sum is None else self.g_sum + g_sum
-        self.rows += rows
+    def clear(self) -> None:
+        self.probes.clear()
 
     def params(self) -> list[Tensor]:
         return [self.module.weight] + ([self.module.bias] if self.bias else [])
+
+
+def _slot_counts(module: nn.Module) -> dict[int, int]:
+    """{id(parameter): how many parameter slots of ``module``'s (distinct) submodules hold it}.
+
+    A weight tied between two modules (GPT's ``lm_head.weight = wte.weight``) or registered twice
+    counts 2; a module registered under two names counts once (its calls all go through its hooks)."""
+    counts: dict[int, int] = {}
+    for m in module.modules():
+        for p in m._parameters.values():
+            if p is not None:
+                counts[id(p)] = counts.get(id(p), 0) + 1
+    return counts
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, Optional[DistributedDataParallel]]:
+    """(the plain model, the DDP wrapper if any) under ``DistributedDataParallel`` and ``torch.compile``'s
+    ``OptimizedModule`` in any order, so that layer names (and checkpoints) do not depend on either."""
+    ddp = None
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            ddp, model = model, model.module
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model, ddp
 
 
 def _skipped(name: str, module: nn.Module, owners: list[nn.Module], skip: tuple) -> bool:
@@ -158,8 +187,19 @@ class MKOR(WrappedOptimizer):
 
     ``CompressedOptimizer(ddp, MKOR(ddp, SGD(...)))`` computes exactly the same iterates.
 
+    A layer whose weight (or bias) is also registered in another module, e.g. a GPT's ``lm_head``
+    tied to the token embedding, is left to the base optimizer: its gradient sums contributions
+    that its own statistics do not describe (``tied_layers`` lists them). ``torch.compile`` of the
+    model works without graph breaks from MKOR (the README's MKOR section has the figures).
+
+    Checkpoints: :meth:`state_dict` is the base optimizer's (``state``, ``param_groups``, plus
+    whatever keys a commopt base adds) with MKOR's factors, counters and MKOR-H switch under
+    ``"mkor"``; see :meth:`load_state_dict` for checkpoints without it (e.g. from
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``).
+
     Args:
-        model: the model (a ``DistributedDataParallel`` is unwrapped); hooks go on its layers.
+        model: the model (``DistributedDataParallel`` and ``torch.compile`` wrappers are unwrapped);
+            hooks go on its layers.
         base_optimizer: any ``torch.optim.Optimizer`` (SGD, AdamW, a LAMB, ``CompressedOptimizer``)
             owning every parameter of the preconditioned layers, and only parameters of ``model``.
         rule: ``"shrink"`` (default; F = (M⁻¹ + vvᵀ)⁻¹, M = γF + (1−γ)I, eigenvalues in (0, 1]) or
@@ -179,6 +219,10 @@ class MKOR(WrappedOptimizer):
             ``CompressedOptimizer``'s, else the default group when one is initialised).
         knee_beta, knee_smoothing, knee_min_updates: the MKOR-H rule (:class:`KneeSwitch`).
     """
+
+    #: MKOR's key beside ``state`` and ``param_groups`` (distinct from CompressedOptimizer's
+    #: ``"commopt"``, so MKOR over a CompressedOptimizer keeps both)
+    state_key = "mkor"
 
     def __init__(
         self,
@@ -202,31 +246,41 @@ class MKOR(WrappedOptimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"MKOR needs the model (an nn.Module) to hook its layers, got {type(model).__name__}")
         super().__init__(base_optimizer)
+        inner = base_optimizer
+        while isinstance(inner, WrappedOptimizer):  # each wrapper's own state needs its own key
+            if inner.state_key == self.state_key:
+                raise TypeError(f"MKOR cannot wrap {type(inner).__name__}: both keep their checkpoint state under "
+                                f"{self.state_key!r} (and MKOR over MKOR would precondition twice)")
+            inner = inner.optimizer
+        module, ddp = _unwrap(model)
         if process_group is None:
-            if isinstance(model, DistributedDataParallel):
-                process_group = model.process_group
+            if ddp is not None:
+                process_group = ddp.process_group
             elif getattr(base_optimizer, "process_group", None) is not None:
                 process_group = base_optimizer.process_group
         self.process_group = process_group
         self.world_size = (dist.get_world_size(process_group)
                            if dist.is_available() and dist.is_initialized() else 1)
         self.rank = dist.get_rank(process_group) if self.world_size > 1 else 0
-        module = model.module if isinstance(model, DistributedDataParallel) else model
+        self._module = module
         skip = tuple(skip) if not isinstance(skip, (str, nn.Module, type)) else (skip,)
 
-        def build() -> tuple[list[_Layer], dict]:
+        def build() -> tuple[tuple[list[_Layer], list[str]], dict]:
             layers = self._build(module, base_optimizer, rule, factor_momentum, update_every, skip, hybrid,
                                  stabilizer_threshold, stabilizer_blend, factor_dtype,
                                  knee_beta, knee_smoothing, knee_min_updates)
             config = {**self._config(), "base": type(base_optimizer).__name__,
-                      "layers": [(ly.name, ly.d_in, ly.d_out, ly.bias) for ly in layers]}
+                      "layers": [(ly.name, ly.d_in, ly.d_out, ly.bias) for ly in layers[0]], "tied": layers[1]}
             return layers, config
 
         if self.world_size > 1:
             # a bad setting on one rank raises on every rank (nobody is left waiting in the all-reduce)
-            self._layers = build_consistently(build, process_group, what="MKOR")
+            self._layers, self.tied_layers = build_consistently(build, process_group, what="MKOR")
         else:
-            self._layers = build()[0]
+            self._layers, self.tied_layers = build()[0]
+        if self.tied_layers and self.rank == 0:
+            _log.info("MKOR: layer(s) %s share their weight with another module (tied); left to %s unpreconditioned",
+                      self.tied_layers, type(base_optimizer).__name__)
         self.grad_scaler = grad_scaler
         self.knee = KneeSwitch(knee_beta, knee_smoothing, knee_min_updates)
         self._steps = 0
@@ -246,7 +300,7 @@ class MKOR(WrappedOptimizer):
     # -- construction ----------------------------------------------------------------------------
 
     def _build(self, module, base, rule, gamma, every, skip, hybrid, threshold, blend, factor_dtype,
-               knee_beta, knee_smoothing, knee_min_updates) -> list[_Layer]:
+               knee_beta, knee_smoothing, knee_min_updates) -> tuple[list[_Layer], list[str]]:
         if rule not in RULES:
             raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0.0 < float(gamma) < 1.0:
@@ -276,7 +330,8 @@ class MKOR(WrappedOptimizer):
         if not owned & model_params:
             raise ValueError("the base optimizer owns none of the model's parameters")
         chain: dict[str, list[nn.Module]] = {}
-        layers, not_owned = [], []
+        slots = _slot_counts(module)
+        layers, not_owned, tied = [], [], []
         for name, m in module.named_modules():
             parent = name.rsplit(".", 1)[0] if "." in name else ""
             chain[name] = chain.get(parent, []) + [m] if name else [m]
@@ -286,6 +341,9 @@ class MKOR(WrappedOptimizer):
                 continue
             bias = m.bias is not None and m.bias.requires_grad
             ps = [m.weight] + ([m.bias] if bias else [])
+            if any(slots.get(id(p), 0) > 1 for p in [m.weight] + ([m.bias] if m.bias is not None else [])):
+                tied.append(name or type(m).__name__)  # shared with another module: left to the base optimizer
+                continue
             if any(id(p) not in owned for p in ps):
                 not_owned.append(name or type(m).__name__)
                 continue
@@ -299,9 +357,10 @@ class MKOR(WrappedOptimizer):
             raise ValueError(f"the base optimizer does not own the parameters of layer(s) {not_owned}: MKOR "
                              f"writes their preconditioned gradients for the base optimizer to apply")
         if not layers:
-            raise ValueError(f"MKOR found no nn.Linear or nn.Conv2d layer (groups=1, trainable weight) to "
-                             f"precondition in {type(module).__name__} (skip={list(map(repr, skip))})")
-        return layers
+            raise ValueError(f"MKOR found no nn.Linear or nn.Conv2d layer (groups=1, trainable weight, not tied "
+                             f"to another module) to precondition in {type(module).__name__} "
+                             f"(skip={list(map(repr, skip))}, tied={tied})")
+        return layers, tied
 
     def _config(self) -> dict:
         return {"rule": self.rule, "factor_momentum": self.gamma, "update_every": self.update_every,
@@ -318,33 +377,30 @@ class MKOR(WrappedOptimizer):
         return getattr(s, "_scale", None)
 
     def _make_forward_hook(self, ly: _Layer) -> Callable:
-        def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        def forward_hook(module: nn.Module, inputs: tuple, output: Any) -> Any:
             if not self._collecting or not torch.is_grad_enabled():
-                return
+                return None
             if not isinstance(output, Tensor) or not output.requires_grad or not inputs:
-                return
-            if module.weight.grad is None:  # zero_grad(set_to_none=True) since the last statistics
+                return None
+            # zero_grad(set_to_none=True) on the model since the last statistics: drop them. Eager
+            # only: under torch.compile this would guard (and recompile) on the gradient's None-ness;
+            # there statistics live from MKOR.step() / MKOR.zero_grad() to the next.
+            if not _is_compiling() and module.weight.grad is None:
                 ly.clear()
-            a_sum, rows = L.input_sum(module, inputs[0])
-
-            def on_output_grad(grads: tuple) -> None:
-                if not grads or grads[0] is None:
-                    return
-                g_sum = L.output_grad_sum(module, grads[0].reshape(output.shape))
-                scale = self._scale()
-                if scale is not None:  # statistics in unscaled units (the loss was multiplied by it)
-                    g_sum = g_sum / scale.to(g_sum.dtype)
-                ly.add(a_sum, rows, g_sum)
-
-            # A pre-hook on the node that produced the output receives δ even when a later in-place
-            # op (ReLU(inplace=True)) rewrites the output; for a view output (Linear on 3-D inputs
-            # returns a view of a 2-D matmul result) that node is the base's.
-            base = output._base
-            node = base.grad_fn if base is not None and base.numel() == output.numel() else output.grad_fn
-            if node is not None:
-                node.register_prehook(on_output_grad)
+            return L.tap(module, inputs[0], output, ly.probes)
 
         return forward_hook
+
+    def _layer_statistics(self, ly: _Layer) -> tuple[Tensor, Tensor]:
+        """(ā, ḡ) of a layer whose probes are ready; ḡ in unscaled units under a GradScaler (its scale
+        is the one the backward ran with: ``GradScaler.update`` comes after the step)."""
+        pr = ly.probes
+        a = pr.a.grad / pr.n.grad.to(pr.a.dtype)
+        g = pr.g.grad
+        scale = self._scale()
+        if scale is not None:  # the loss was multiplied by it
+            g = g / scale.to(device=g.device, dtype=g.dtype)
+        return a, g
 
     def _clear_statistics(self) -> None:
         for ly in self._layers:
@@ -358,8 +414,9 @@ class MKOR(WrappedOptimizer):
         dev = self._layers[0].module.weight.device
         parts = []
         for ly in self._layers:
-            if ly.rows > 0 and ly.g_sum is not None:
-                parts += [ly.a_sum.to(dtype) / ly.rows, ly.g_sum.to(dtype)]
+            if ly.probes.ready():
+                a, g = self._layer_statistics(ly)
+                parts += [a.to(dtype), g.to(dtype)]
             else:
                 parts.append(torch.zeros(ly.d_in + ly.d_out, dtype=dtype, device=dev))
         if self.hybrid:
@@ -435,6 +492,11 @@ class MKOR(WrappedOptimizer):
         """Update the factors (every ``update_every`` steps), precondition ``.grad``, step the base optimizer.
 
         ``loss`` (a tensor or float) feeds MKOR-H's switch; a closure's return value does too.
+
+        The state-initialising step of ``torch.distributed.checkpoint.state_dict`` (its
+        ``_init_optim_state`` steps an optimizer whose state is empty with zero gradients and
+        every learning rate set to 0) only steps the base optimizer: MKOR's factors, step count,
+        update schedule and MKOR-H window stay as they were (see :meth:`_is_state_init_step`).
         """
         ret = None
         if closure is not None:
@@ -442,6 +504,9 @@ class MKOR(WrappedOptimizer):
                 ret = closure()
             if loss is None:
                 loss = ret
+        elif self._is_state_init_step():
+            self.optimizer.step()
+            return None
         if self.hybrid and not self.switched:
             self._observe_loss(loss)
         if not self.switched:
@@ -455,9 +520,53 @@ class MKOR(WrappedOptimizer):
         self._collecting = not self.switched and self._steps % self.update_every == 0
         return ret
 
+    def _is_state_init_step(self) -> bool:
+        """True for a step that cannot be training: the base optimizer's state is empty, every group's
+        learning rate is 0, no backward reached a preconditioned layer since the last step, and
+        every gradient is absent or zero (what ``_init_optim_state`` of
+        ``torch.distributed.checkpoint.state_dict`` sets up). Cheap unless the learning rates are all
+        0; the decision is the same on every rank (DDP's gradients and the learning rates are)."""
+        if self.optimizer.state:
+            return False
+        for group in self.param_groups:
+            lr = group.get("lr")
+            if lr is None or (float(lr) if isinstance(lr, Tensor) else lr) != 0:
+                return False
+        if any(ly.probes.ready() for ly in self._layers):
+            return False
+        for p in self.params():
+            g = p.grad
+            if g is not None:
+                if g.is_sparse:
+                    g = g.coalesce()._values()
+                if bool(g.ne(0).any()):
+                    return False
+        return True
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._clear_statistics()
         self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group of model parameters to the base optimizer (``base.add_param_group``).
+
+        The new parameters pass through unpreconditioned: every layer MKOR preconditions had its
+        parameters in the base optimizer at construction, so a new one belongs to another kind of
+        module or to a layer that was frozen, skipped or tied then. Tensors that are not parameters
+        of the model are refused (as at construction); the base optimizer refuses duplicates. Call
+        it identically on every rank."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        params = param_group.get("params")
+        params = [params] if isinstance(params, Tensor) else params
+        if isinstance(params, set) or params is None:
+            raise TypeError("param_group['params'] must be a tensor or an ordered iterable of tensors")
+        params = list(params)
+        model_params = {id(p) for p in self._module.parameters()}
+        foreign = [p for p in params if not isinstance(p, Tensor) or id(p) not in model_params]
+        if foreign:
+            raise ValueError(f"MKOR.add_param_group: {len(foreign)} tensor(s) are not parameters of the model")
+        self.optimizer.add_param_group({**param_group, "params": params})
 
     def remove_hooks(self) -> None:
         """Detach MKOR from the model's layers (the optimizer then only passes gradients through)."""
@@ -479,8 +588,7 @@ class MKOR(WrappedOptimizer):
     def local_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
         """{layer name: (ā, ḡ)} gathered on this rank since the last update (before averaging; ā
         without the bias's constant 1). Empty for a layer that saw no backward."""
-        return {ly.name: (ly.a_sum / ly.rows, ly.g_sum) for ly in self._layers
-                if ly.rows > 0 and ly.g_sum is not None}
+        return {ly.name: self._layer_statistics(ly) for ly in self._layers if ly.probes.ready()}
 
     def statistics_size(self) -> int:
         """Values each rank contributes to the per-update all-reduce: Σ(d_in + d_out) (+1 loss under MKOR-H)."""
@@ -495,11 +603,13 @@ class MKOR(WrappedOptimizer):
         return out
 
     # -- checkpoints -----------------------------------------------------------------------------
+    #
+    # state_dict() = the base optimizer's state_dict() (torch.optim's "state" and "param_groups", and
+    # a commopt base's own key, e.g. CompressedOptimizer's "commopt") + {"mkor": MKOR's part}. Older
+    # checkpoints {"optimizer": base, "mkor": part} still load (_split_legacy).
 
-    def state_dict(self) -> dict:  # type: ignore[override]
-        """The base optimizer's state plus MKOR's factors, counters and MKOR-H switch (save per rank
-        when the base optimizer's state is per rank, e.g. ``CompressedOptimizer``)."""
-        mk = {
+    def _own_state_dict(self) -> dict:
+        return {
             "version": 1, "config": self._config(), "steps": self._steps, "updates": self._updates,
             "factors": {ly.name: {"left": ly.left.detach().clone(), "right": ly.right.detach().clone()}
                         for ly in self._layers},
@@ -509,39 +619,156 @@ class MKOR(WrappedOptimizer):
                        "loss_sum": None if self._loss_sum is None else self._loss_sum.detach().clone(),
                        "loss_count": self._loss_count, "loss_t": self._loss_t},
         }
-        return {"optimizer": self.optimizer.state_dict(), "mkor": mk}
+
+    def state_dict(self) -> dict:  # type: ignore[override]
+        """The base optimizer's state dict (torch.optim's ``state`` and ``param_groups``) with MKOR's
+        factors, counters and MKOR-H switch under ``"mkor"`` (save per rank when the base optimizer's
+        state is per rank, e.g. ``CompressedOptimizer``)."""
+        return super().state_dict()
 
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
-        """Restore :meth:`state_dict`; the layers and the rule must match (other settings may change)."""
-        if not isinstance(state_dict, dict) or "mkor" not in state_dict or "optimizer" not in state_dict:
-            raise ValueError("not an MKOR state_dict (expected keys 'optimizer' and 'mkor'); to load a plain "
-                             "optimizer checkpoint use opt.optimizer.load_state_dict()")
-        mk = state_dict["mkor"]
-        if mk["config"]["rule"] != self.rule:
-            raise ValueError(f"checkpoint was written with rule={mk['config']['rule']!r}, this MKOR uses "
-                             f"rule={self.rule!r}: the factors mean different things")
+        """Restore :meth:`state_dict` (or the older ``{"optimizer", "mkor"}`` layout); the layers and
+        the rule must match (other settings may change). Atomic: MKOR's part is checked first and
+        the base optimizer keeps its old state if its own load fails. Over a commopt base
+        (``CompressedOptimizer``), whose load is a collective, the ranks first agree on MKOR's part
+        (one ``all_gather_object``): refused on one rank, it raises on every rank.
+
+        A checkpoint without ``"mkor"`` (a plain optimizer's, or one that went through
+        ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps only
+        ``state`` and ``param_groups``) loads the base optimizer and warns: MKOR's state then
+        restarts as freshly built (identity factors, step 0, MKOR-H not switched). To carry MKOR's
+        part through such a checkpoint, save :meth:`preconditioner_state_dict` beside it and
+        restore it with :meth:`load_preconditioner_state_dict` after loading the optimizer."""
+        super().load_state_dict(state_dict)
+
+    def _split_legacy(self, sd: dict) -> Optional[tuple[dict, Optional[dict]]]:
+        if self.state_key not in sd or ("state" in sd and "param_groups" in sd):
+            return None
+        if set(sd) == {"optimizer", self.state_key}:  # the layout before torch.optim-shaped checkpoints
+            return sd["optimizer"], sd[self.state_key]
+        # a base optimizer whose own state_dict is not torch.optim-shaped: everything but MKOR's key is its
+        return {k: v for k, v in sd.items() if k != self.state_key}, sd[self.state_key]
+
+    def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
+        if own is None:
+            self._load_inner_atomically(inner)
+            self._reset_preconditioner()
+            warnings.warn(
+                "MKOR.load_state_dict: the checkpoint has no 'mkor' entry (a plain optimizer's state_dict, or one "
+                "from torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
+                "'param_groups'): loaded the base optimizer; MKOR's factors restart from identity, its step count "
+                "from 0 and MKOR-H is not switched. Save opt.preconditioner_state_dict() beside such a checkpoint "
+                "and restore it with opt.load_preconditioner_state_dict() to keep them.", stacklevel=4)
+            return
+        if self.world_size > 1 and isinstance(self.optimizer, WrappedOptimizer):
+            # a commopt base (CompressedOptimizer, CO2) loads collectively: a rank that refuses MKOR's part
+            # must not leave the others waiting in it, so the ranks agree on MKOR's verdict first
+            apply, err = None, None
+            try:
+                apply = self._prepare_own(own)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                err = exc
+            verdicts: list[Any] = [None] * self.world_size
+            dist.all_gather_object(verdicts, None if err is None else f"{type(err).__name__}: {err}",
+                                   group=self.process_group)
+            if err is not None:
+                raise err
+            failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
+            if failed:
+                raise ValueError("MKOR.load_state_dict: MKOR's part was refused on " +
+                                 "; ".join(f"rank {r} ({v})" for r, v in failed) + "; nothing was loaded")
+        else:
+            apply = self._prepare_own(own)
+        self._load_inner_atomically(inner)
+        apply()
+
+    def preconditioner_state_dict(self) -> dict:
+        """MKOR's own part of :meth:`state_dict` (factors, counters, MKOR-H switch) alone: what a
+        checkpoint made by ``torch.distributed.checkpoint`` does not carry."""
+        return self._own_state_dict()
+
+    def load_preconditioner_state_dict(self, state: dict) -> None:
+        """Restore :meth:`preconditioner_state_dict` (checked completely before anything changes);
+        the base optimizer is not touched."""
+        self._prepare_own(state)()
+
+    def _prepare_own(self, mk: Any) -> Callable[[], None]:
+        """Check MKOR's part of a checkpoint completely and return the function that applies it
+        (which cannot fail any more)."""
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"not a valid MKOR checkpoint: {msg}")
+
+        if not isinstance(mk, dict):
+            raise bad(f"expected a dict under {self.state_key!r}, got {type(mk).__name__}")
+        missing = {"version", "config", "steps", "updates", "factors", "events", "comm", "hybrid"} - set(mk)
+        if missing:
+            raise bad(f"missing {sorted(missing)}")
+        if mk["version"] != 1:
+            raise bad(f"unknown version {mk['version']!r}")
+        rule = mk["config"].get("rule") if isinstance(mk["config"], dict) else None
+        if rule != self.rule:
+            raise ValueError(f"checkpoint was written with rule={rule!r}, this MKOR uses rule={self.rule!r}: "
+                             f"the factors mean different things")
         facs = mk["factors"]
-        if sorted(facs) != sorted(self.layer_names):
-            raise ValueError(f"checkpoint layers {sorted(facs)} differ from this model's {sorted(self.layer_names)}")
+        if not isinstance(facs, dict) or sorted(facs) != sorted(self.layer_names):
+            raise ValueError(f"checkpoint layers {sorted(facs) if isinstance(facs, dict) else facs!r} differ from "
+                             f"this model's {sorted(self.layer_names)}")
+        new_factors = []
         for ly in self._layers:
             f = facs[ly.name]
+            if not (isinstance(f, dict) and isinstance(f.get("left"), Tensor) and isinstance(f.get("right"), Tensor)):
+                raise bad(f"layer {ly.name!r}: expected tensors 'left' and 'right'")
             if tuple(f["left"].shape) != tuple(ly.left.shape) or tuple(f["right"].shape) != tuple(ly.right.shape):
                 raise ValueError(f"layer {ly.name!r}: factor shapes in the checkpoint differ from the model's")
-        self.optimizer.load_state_dict(state_dict["optimizer"])
-        for ly in self._layers:
-            ly.left = facs[ly.name]["left"].to(dtype=ly.left.dtype, device=ly.left.device).clone()
-            ly.right = facs[ly.name]["right"].to(dtype=ly.right.dtype, device=ly.right.device).clone()
-        for k, v in mk["events"].items():
-            self._events[k] = v.to(self._events[k].device).clone()
-        self._comm = dict(mk["comm"])
-        self._steps, self._updates = int(mk["steps"]), int(mk["updates"])
+            new_factors.append((f["left"].to(dtype=ly.left.dtype, device=ly.left.device).clone(),
+                                f["right"].to(dtype=ly.right.dtype, device=ly.right.device).clone()))
+        if not isinstance(mk["events"], dict) or set(mk["events"]) != set(self._events):
+            raise bad(f"events {mk['events']!r}")
+        events = {k: torch.as_tensor(v).to(dtype=torch.int64, device=self._events[k].device).clone()
+                  for k, v in mk["events"].items()}
         hy = mk["hybrid"]
-        self.switched, self.switch_step = bool(hy["switched"]), hy["switch_step"]
-        self.knee.load_state_dict(hy["knee"])
-        self._loss_sum = None if hy["loss_sum"] is None else hy["loss_sum"].clone()
-        self._loss_count, self._loss_t = int(hy["loss_count"]), float(hy["loss_t"])
+        if not isinstance(hy, dict) or not {"switched", "switch_step", "knee", "loss_sum", "loss_count",
+                                            "loss_t"} <= set(hy):
+            raise bad("incomplete 'hybrid' entry")
+        knee = KneeSwitch(*self._knee_cfg)
+        try:
+            knee.load_state_dict(hy["knee"])
+            steps, updates = int(mk["steps"]), int(mk["updates"])
+            loss_count, loss_t = int(hy["loss_count"]), float(hy["loss_t"])
+            comm = {k: int(mk["comm"][k]) for k in self._comm}
+        except (KeyError, TypeError, ValueError) as exc:
+            raise bad(f"{type(exc).__name__}: {exc}") from None
+        loss_sum = None if hy["loss_sum"] is None else torch.as_tensor(hy["loss_sum"]).clone()
+        switched, switch_step = bool(hy["switched"]), hy["switch_step"]
+
+        def apply() -> None:
+            for ly, (left, right) in zip(self._layers, new_factors):
+                ly.left, ly.right = left, right
+            self._events = events
+            self._comm = comm
+            self._steps, self._updates = steps, updates
+            self.switched, self.switch_step = switched, switch_step
+            self.knee = knee
+            self._loss_sum, self._loss_count, self._loss_t = loss_sum, loss_count, loss_t
+            self._clear_statistics()
+            self._collecting = not self.switched and self._steps % self.update_every == 0
+
+        return apply
+
+    def _reset_preconditioner(self) -> None:
+        """MKOR's state as freshly built: identity factors, step 0, MKOR-H not switched (the
+        communication counters keep counting)."""
+        for ly in self._layers:
+            ly.left = torch.eye(ly.left.shape[0], dtype=ly.left.dtype, device=ly.left.device)
+            ly.right = torch.eye(ly.right.shape[0], dtype=ly.right.dtype, device=ly.right.device)
+        for k in self._events:
+            self._events[k] = torch.zeros_like(self._events[k])
+        self._steps = self._updates = 0
+        self.switched, self.switch_step = False, None
+        self.knee = KneeSwitch(*self._knee_cfg)
+        self._loss_sum, self._loss_count, self._loss_t = None, 0, 0.0
         self._clear_statistics()
-        self._collecting = not self.switched and self._steps % self.update_every == 0
+        self._collecting = True
 
     def __repr__(self) -> str:
         return (f"MKOR(rule={self.rule!r}, factor_momentum={self.gamma}, update_every={self.update_every}, "

@@ -12,6 +12,13 @@ Rows are the samples of a 2-D input, the tokens of a 3-D input (all leading dime
 (= the mean over samples of each sample's spatial mean) and ḡ the sum of δ over samples and
 positions. Sums are accumulated in float32 (float64 for float64 layers) whatever the activation
 dtype, so fp16/bf16 activations do not overflow or lose the small terms.
+
+Capture (:func:`tap`): a forward hook replaces the layer's output y by ``_Tap(y)``, an identity
+whose backward hands Σ_rows a, the row count and Σ_rows δ to three *probe* leaves as their
+gradients. Autograd accumulates them like any gradient (micro-batches add up; a forward that
+gets no backward contributes nothing), and the whole thing is ordinary traceable tensor code: no
+Python hook runs in backward and no ``grad_fn`` is touched, so ``torch.compile`` captures it in
+the model's graph without a break (SPEC §7; see the README's MKOR section).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["is_supported", "input_dim", "output_dim", "input_sum", "output_grad_sum", "grad_matrix",
-           "write_grad", "acc_dtype"]
+           "write_grad", "acc_dtype", "Probes", "tap"]
 
 
 def is_supported(module: nn.Module) -> bool:
@@ -92,6 +99,66 @@ def output_grad_sum(module: nn.Module, grad_out: Tensor) -> Tensor:
         dims = (0, 2, 3) if grad_out.dim() == 4 else (1, 2)
         return grad_out.sum(dims, dtype=dtype)
     return grad_out.reshape(-1, grad_out.shape[-1]).sum(0, dtype=dtype)
+
+
+def _grad_sum(grad: Tensor, conv: bool, dtype: torch.dtype) -> Tensor:
+    if conv:
+        return grad.sum((0, 2, 3) if grad.dim() == 4 else (1, 2), dtype=dtype)
+    return grad.reshape(-1, grad.shape[-1]).sum(0, dtype=dtype)
+
+
+class Probes:
+    """Three leaves whose gradients are a layer's statistics since they were last cleared:
+    ``a.grad`` = Σ_rows a (d_in,), ``n.grad`` = the row count (0-dim), ``g.grad`` = Σ_rows δ (d_out,).
+
+    ``a`` and ``g`` are in :func:`acc_dtype` of the layer's weight; the count is float64 (exact up
+    to 2⁵³ rows; float32 on MPS, which has no float64)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        w = module.weight
+        dt = acc_dtype(w.dtype)
+        ndt = torch.float32 if w.device.type == "mps" else torch.float64
+        self.a = torch.zeros(input_dim(module), dtype=dt, device=w.device, requires_grad=True)
+        self.g = torch.zeros(output_dim(module), dtype=dt, device=w.device, requires_grad=True)
+        self.n = torch.zeros((), dtype=ndt, device=w.device, requires_grad=True)
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor]:
+        return self.a, self.n, self.g
+
+    def ready(self) -> bool:
+        """True once a backward has reached the layer since the last :meth:`clear`."""
+        return self.n.grad is not None and self.a.grad is not None and self.g.grad is not None
+
+    def clear(self) -> None:
+        self.a.grad = self.n.grad = self.g.grad = None
+
+
+class _Tap(torch.autograd.Function):
+    """y ↦ a copy of y; backward: δ passes through unchanged and the probes receive (Σ a, rows, Σ δ).
+
+    The copy (not a view) keeps a later in-place op on y (``ReLU(inplace=True)``) legal."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, a_probe: Tensor, n_probe: Tensor, g_probe: Tensor, a_sum: Tensor,
+                rows: int, conv: bool) -> Tensor:
+        ctx.save_for_backward(a_sum)
+        ctx.rows, ctx.conv, ctx.g_dtype, ctx.n_dtype = rows, conv, g_probe.dtype, n_probe.dtype
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (a_sum,) = ctx.saved_tensors
+        g_sum = _grad_sum(grad, ctx.conv, ctx.g_dtype)
+        rows = torch.full((), ctx.rows, dtype=ctx.n_dtype, device=a_sum.device)
+        return grad, a_sum, rows, g_sum, None, None, None
+
+
+def tap(module: nn.Module, x: Tensor, out: Tensor, probes: Probes) -> Tensor:
+    """The layer's output ``out`` (for input ``x``) wrapped so that its backward adds this call's
+    statistics to ``probes``' gradients (see :class:`Probes`); values and gradients of the model
+    are unchanged."""
+    a_sum, rows = input_sum(module, x)
+    return _Tap.apply(out, *probes.tensors(), a_sum.to(probes.a.dtype), rows, isinstance(module, nn.Conv2d))
 
 
 def grad_matrix(module: nn.Module, with_bias: bool) -> Tensor:

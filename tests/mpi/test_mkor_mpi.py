@@ -155,10 +155,11 @@ def test_composes_with_compressed_optimizer_in_either_nesting(world):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60, method="thread")
-@pytest.mark.parametrize("hybrid", [False, True])
-def test_checkpoint_resume_is_identical(world, hybrid):
-    """MKOR(ddp, CompressedOptimizer(ddp, SGD)) saved per rank mid-run (between updates), loaded into
-    fresh objects: the continued run equals the uninterrupted one bitwise (params and factors)."""
+@pytest.mark.parametrize("hybrid,nesting", [(False, "mkor_outside"), (True, "mkor_outside"), (False, "mkor_inside")])
+def test_checkpoint_resume_is_identical(world, hybrid, nesting):
+    """MKOR(ddp, CompressedOptimizer(ddp, SGD)) (and the other nesting) saved per rank mid-run (between
+    updates), loaded into fresh objects: the continued run equals the uninterrupted one bitwise
+    (params and factors). The checkpoint keeps both wrappers' own state, each under its own key."""
     r = world.rank
 
     def build():
@@ -166,9 +167,13 @@ def test_checkpoint_resume_is_identical(world, hybrid):
         model = MLP(sizes=SIZES, dtype=F64)
         ddp = DDP(model)
         sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        opt = MKOR(ddp, commopt.CompressedOptimizer(ddp, sgd, compressor="topk:0.1", feedback="econtrol"),
-                   update_every=3, hybrid=hybrid, knee_min_updates=2)
-        return model, ddp, opt
+        if nesting == "mkor_outside":
+            mk = opt = MKOR(ddp, commopt.CompressedOptimizer(ddp, sgd, compressor="topk:0.1", feedback="econtrol"),
+                            update_every=3, hybrid=hybrid, knee_min_updates=2)
+        else:
+            mk = MKOR(ddp, sgd, update_every=3, hybrid=hybrid, knee_min_updates=2)
+            opt = commopt.CompressedOptimizer(ddp, mk, compressor="topk:0.1", feedback="econtrol")
+        return model, ddp, opt, mk
 
     kw = lambda loss: {"loss": loss} if hybrid else {}  # noqa: E731
 
@@ -180,18 +185,110 @@ def test_checkpoint_resume_is_identical(world, hybrid):
             loss.backward()
             opt.step(**kw(loss))
 
-    model, ddp, opt = build()
+    model, ddp, opt, mk = build()
     run(model, ddp, opt, range(7))
-    ckpt = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+    sd = opt.state_dict()
+    # torch.optim's shape, with MKOR's part and the CompressedOptimizer's side by side under their own keys
+    assert {"state", "param_groups", "mkor", "commopt"} <= set(sd) and sd["mkor"]["steps"] == 7, sorted(sd)
+    ckpt = roundtrip({"model": model.state_dict(), "opt": sd})
     run(model, ddp, opt, range(7, 14))
-    model2, ddp2, opt2 = build()
+    model2, ddp2, opt2, mk2 = build()
     model2.load_state_dict(ckpt["model"])
     opt2.load_state_dict(ckpt["opt"])
+    assert mk2.state_dict()["mkor"]["steps"] == 7
     run(model2, ddp2, opt2, range(7, 14))
     same = all(torch.equal(a, b) for a, b in zip(model.parameters(), model2.parameters()))
-    same_f = all(torch.equal(a, b) for k in opt.factors() for a, b in zip(opt.factors()[k], opt2.factors()[k]))
-    assert all_ranks_true(same and same_f), f"rank {r}: resumed params equal {same}, factors equal {same_f}"
-    assert opt2.state_dict()["mkor"]["steps"] == 14
+    same_f = all(torch.equal(a, b) for k in mk.factors() for a, b in zip(mk.factors()[k], mk2.factors()[k]))
+    comp, comp2 = (opt, opt2) if nesting == "mkor_inside" else (opt.optimizer, opt2.optimizer)
+    same_c = comp.comm_stats()["steps"] == comp2.comm_stats()["steps"]
+    assert all_ranks_true(same and same_f and same_c), \
+        f"rank {r}: resumed params equal {same}, factors equal {same_f}, compressed steps equal {same_c}"
+    assert mk2.state_dict()["mkor"]["steps"] == 14
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_mkor_part_refused_on_one_rank_raises_on_every_rank_and_changes_nothing(world):
+    """Over a CompressedOptimizer (a collective load) a bad MKOR part on one rank must not leave the
+    other ranks waiting: every rank raises, and no rank's state changes."""
+    r = world.rank
+    model, ddp, opt, mk, comp = _compressed("mkor_outside")
+    for t in range(3):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    good = roundtrip(opt.state_dict())
+    for t in range(3, 5):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    before = roundtrip(opt.state_dict())
+    bad = roundtrip(good)
+    if r == 1:
+        bad["mkor"]["factors"]["layers.0"]["left"] = torch.eye(3, dtype=F64)
+    with pytest.raises(ValueError, match="factor shapes" if r == 1 else "refused on rank 1"):
+        opt.load_state_dict(bad)
+    after = opt.state_dict()
+    unchanged = (after["mkor"]["steps"] == before["mkor"]["steps"] == 5
+                 and all(torch.equal(after["state"][k]["momentum_buffer"], before["state"][k]["momentum_buffer"])
+                         for k in before["state"]))
+    assert all_ranks_true(unchanged), f"rank {r}: state changed by a refused load"
+    opt.load_state_dict(good)  # and a good checkpoint loads afterwards
+    assert opt.state_dict()["mkor"]["steps"] == 3
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+def test_dcp_state_dict_on_every_rank_leaves_mkor_and_the_run_unchanged(world):
+    """torch.distributed.checkpoint.state_dict.get_optimizer_state_dict on every rank of a DDP run
+    (stateless SGD, no gradients, at a step where MKOR would update: its _init_optim_state steps
+    the optimizer with zero gradients and lr 0): MKOR's factors and counters stay as they were, no
+    collective is started, and the run continues bitwise as without the call. A checkpoint through
+    get/set_optimizer_state_dict plus preconditioner_state_dict() resumes the run (to 1e-12: a fresh
+    DDP's buckets sum in another order than the rebuilt ones of the uninterrupted run on > 2 ranks,
+    as for plain SGD)."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint.state_dict")
+    r = world.rank
+
+    def build():
+        torch.manual_seed(0)
+        model = MLP(sizes=SIZES, dtype=F64)
+        ddp = DDP(model)
+        return model, ddp, MKOR(ddp, torch.optim.SGD(model.parameters(), lr=0.05), rule="ema", update_every=2,
+                                hybrid=True, knee_min_updates=2)
+
+    def run(model, ddp, opt, steps):
+        for t in steps:
+            x, y = batch(r, t, dtype=F64)
+            opt.zero_grad()
+            loss = torch.nn.functional.mse_loss(ddp(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+        opt.zero_grad()
+
+    ref_model, ref_ddp, ref_opt = build()
+    run(ref_model, ref_ddp, ref_opt, range(8))
+    model, ddp, opt = build()
+    run(model, ddp, opt, range(4))
+    comm = opt.comm_stats()
+    osd = dcp.get_optimizer_state_dict(ddp, opt)
+    mk = roundtrip(opt.preconditioner_state_dict())
+    problems = []
+    if opt.comm_stats() != comm or mk["steps"] != 4:
+        problems.append(f"MKOR's counters moved: {comm} -> {opt.comm_stats()}, steps {mk['steps']}")
+    ck = roundtrip({"model": model.state_dict(), "optim": osd, "mkor": mk})
+    run(model, ddp, opt, range(4, 8))
+    if not all(torch.equal(a, b) for a, b in zip(model.parameters(), ref_model.parameters())):
+        problems.append("the run after get_optimizer_state_dict differs")
+    model2, ddp2, opt2 = build()
+    model2.load_state_dict(ck["model"])
+    with pytest.warns(UserWarning, match="no 'mkor' entry"):
+        dcp.set_optimizer_state_dict(ddp2, opt2, ck["optim"])
+    opt2.load_preconditioner_state_dict(ck["mkor"])
+    run(model2, ddp2, opt2, range(4, 8))
+    with torch.no_grad():
+        worst = max(float((a - b).abs().max()) for a, b in zip(model2.parameters(), ref_model.parameters()))
+    if worst > 1e-12 or opt2.comm_stats() != ref_opt.comm_stats():
+        problems.append(f"the resumed run differs: params by {worst:.2e}, "
+                        f"{opt2.comm_stats()} vs {ref_opt.comm_stats()}")
+    problems += [f"factors of {b}" for b in _factors_identical(opt2)]
+    assert all_ranks_true(not problems), f"rank {r}: {problems}"
 
 
 @pytest.mark.mpi(min_size=2)
