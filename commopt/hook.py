@@ -124,7 +124,7 @@ class CompressionState:
             raise ValueError(f"track_unused must be True or False, got {track_unused!r}")
         if track_unused and model is None:
             raise ValueError("track_unused=True needs model= (the module DDP wraps) to watch its parameters")
-        _refuse_python_reducer()
+        refuse_python_reducer()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("torch.distributed is not initialised: call commopt.init_distributed() first")
         self.process_group = process_group
@@ -681,17 +681,19 @@ def stepping_grad_scaler(max_depth: int = 8) -> Any:
     return None
 
 
-def _refuse_python_reducer() -> None:
-    """Compiled autograd's python_reducer calls communication hooks with another signature."""
-    try:
-        import torch._dynamo.config as dynamo_config
-    except Exception:  # pragma: no cover - torch without dynamo
-        return
-    if getattr(dynamo_config, "optimize_ddp", None) == "python_reducer":
+def refuse_python_reducer(ddp_model: Any = None) -> None:
+    """Raise if compiled autograd's Python reducer (``torch._dynamo.config.optimize_ddp = "python_reducer"``)
+    is on, now or when ``ddp_model`` was built: it calls communication hooks per parameter as
+    ``hook(state, (grad, param))``, not with a ``GradBucket``."""
+    config = sys.modules.get("torch._dynamo.config")  # imported by DDP itself; never imported here
+    now = getattr(config, "optimize_ddp", None) == "python_reducer"
+    if now or getattr(ddp_model, "_use_python_reducer", False):
+        when = "is set" if now else "was set when this DistributedDataParallel model was built"
         raise RuntimeError(
-            "commopt's compression hook does not support torch._dynamo.config.optimize_ddp = 'python_reducer' "
-            "(compiled autograd's reducer calls DDP communication hooks with another signature); use the "
-            "default optimize_ddp=True (DDPOptimizer) with torch.compile, or compile without compiled autograd")
+            f"commopt does not support torch._dynamo.config.optimize_ddp = 'python_reducer' (it {when}): "
+            "compiled autograd's Python reducer calls DDP communication hooks per parameter as hook(state, "
+            "(grad, param)) instead of with a GradBucket, so commopt's compression_hook cannot run there. Use the "
+            "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
 
 
 def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:

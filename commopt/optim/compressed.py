@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 from ..compressors import Compressor
 from ..consistency import assert_bitwise_same, build_consistently
 from ..feedback import Feedback
-from ..hook import CompressionState, compression_hook, stepping_grad_scaler
+from ..hook import CompressionState, compression_hook, refuse_python_reducer, stepping_grad_scaler
 from .wrapper import WrappedOptimizer
 
 __all__ = ["CompressedOptimizer"]
@@ -23,20 +23,6 @@ __all__ = ["CompressedOptimizer"]
 def _model_signature(module: torch.nn.Module) -> str:
     text = ";".join(f"{name}:{tuple(p.shape)}:{p.dtype}:{p.requires_grad}" for name, p in module.named_parameters())
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
-
-
-def _refuse_python_reducer(ddp_model: DistributedDataParallel) -> None:
-    """Compiled autograd's Python reducer (``torch._dynamo.config.optimize_ddp = "python_reducer"``) calls
-    communication hooks per parameter as ``hook(state, (grad, param))``, not with a ``GradBucket``."""
-    config = sys.modules.get("torch._dynamo.config")  # imported by DDP itself; never imported here
-    now = getattr(config, "optimize_ddp", None) == "python_reducer"
-    if now or getattr(ddp_model, "_use_python_reducer", False):
-        when = "is set" if now else "was set when this DistributedDataParallel model was built"
-        raise RuntimeError(
-            f"CompressedOptimizer does not support torch._dynamo.config.optimize_ddp = 'python_reducer' (it {when}): "
-            "compiled autograd's Python reducer calls DDP communication hooks per parameter as hook(state, "
-            "(grad, param)) instead of with a GradBucket, so commopt's compression_hook cannot run there. Use the "
-            "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
 
 
 class CompressedOptimizer(WrappedOptimizer):
@@ -98,7 +84,7 @@ class CompressedOptimizer(WrappedOptimizer):
         self.process_group = group
 
         def build() -> tuple[CompressionState, dict]:
-            _refuse_python_reducer(ddp_model)
+            refuse_python_reducer(ddp_model)
             if on_world_size_change not in ("error", "reset"):
                 raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
             if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
