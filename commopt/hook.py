@@ -433,7 +433,10 @@ class CompressionState:
         return {"version": STATE_VERSION, "rank": self.rank, "step": self.step, "dense_until": self.dense_until,
                 **self.config(), "blocks": blocks, "params": params,
                 "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()},
-                "stats": stats, "skipped_rounds": int(self._skipped)}
+                "stats": stats, "skipped_rounds": int(self._skipped),
+                # whether the last dense round was finite, still to be read when warm-up ends: without it
+                # a resume would compress from the state of an overflowed dense round (zeros)
+                "last_dense_ok": None if self._last_ok is None else bool(self._last_ok)}
 
     def load_state_dict(self, sd: Optional[dict], on_world_size_change: str = "error") -> None:
         """Restore from :meth:`state_dict`. **Every rank** of the process group must call it: one
@@ -586,6 +589,9 @@ class CompressionState:
                 self._order[id(blk)] = i
         if reset is None:
             self.dense_until = int(sd.get("dense_until", 0)) if sd is not None else 0
+            flag = sd.get("last_dense_ok") if sd is not None else None
+            if flag is not None:
+                self._last_ok = torch.tensor(bool(flag), device=self._skipped.device)
             return
         import warnings
 

@@ -214,3 +214,48 @@ def test_block_commit_skips_only_the_nonfinite_block(world):
     assert st.skipped_rounds() == 1
     assert all(torch.isfinite(p).all() for p in params)
     assert all_ranks_true(not differing_replicated(opt) and not differing_params(params))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120, method="thread")
+def test_resume_while_warmup_is_extended_by_overflow_is_exact(world):
+    """Every warm-up round overflows on the last rank (GradScaler's first steps); a per-rank checkpoint taken
+    while the hook still has to read that the last dense round overflowed resumes bitwise: the resumed run
+    also stays dense instead of compressing from the overflowed round's zero state."""
+    from mpi_helpers import roundtrip
+    r, n = world.rank, world.size
+    T, SAVE = 9, 3
+
+    def make():
+        model, ddp = make_mlp_ddp(bucket_cap_mb=0.005)
+        opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=0.05),
+                                          compressor="topk:0.05", feedback="econtrol")
+        return model, ddp, opt
+
+    def step(ddp, opt, t):
+        x, y = batch(r, t)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(ddp(x), y)
+        if t < SAVE and r == n - 1:
+            loss = loss * float("inf")
+        loss.backward()
+        if all(torch.isfinite(p.grad).all() for p in ddp.module.parameters()):
+            opt.step()
+
+    model, ddp, opt = make()
+    ck = None
+    for t in range(T):
+        if t == SAVE:
+            ck = roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})
+        step(ddp, opt, t)
+    full = [p.detach().clone() for p in model.parameters()]
+    dense_full = opt.comm_stats()["dense_rounds"]
+
+    model2, ddp2, opt2 = make()
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    for t in range(SAVE, T):
+        step(ddp2, opt2, t)
+    same = all(torch.equal(a, b.detach()) for a, b in zip(full, model2.parameters()))
+    assert all_ranks_true(same), f"rank {r}: resumed run differs (dense rounds {dense_full} vs " \
+                                 f"{opt2.comm_stats()['dense_rounds']})"
