@@ -602,13 +602,135 @@ def test_another_ranks_checkpoint_is_accepted_as_a_replica_of_that_rank():
         fopt.load_state_dict(sd)
     got = run(fresh, fopt, TOTAL - 4, start=4, dtype=torch.float32)
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
-    # taken at a consensus point (after finish()), nothing in it is per rank: no warning
+    # taken at a consensus point (after finish()): the inner optimizer's state (SGD's momentum) is still per rank
     opt.finish()
     sd = opt.state_dict()
     sd["commopt"]["rank"] = 1
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with pytest.warns(RuntimeWarning, match="continues as a replica of rank 1, taking its inner optimizer's state"):
         build(kw, seed=4)[1].load_state_dict(sd)
+
+
+def _other_ranks_file_after_finish(inner):
+    """A CO2 trained 4 steps (tau=3), finished, saved, its file marked as rank 1's; loaded into a fresh CO2."""
+    model = net(0, torch.float32)
+    opt = CO2(model, inner(model), tau=3)
+    run(model, opt, 4, dtype=torch.float32)
+    opt.finish()
+    sd = opt.state_dict()
+    sd["commopt"]["rank"] = 1
+    fresh = net(4, torch.float32)
+    fopt = CO2(fresh, inner(fresh), tau=3)
+    fresh.load_state_dict(model.state_dict())
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fopt.load_state_dict(sd)
+    return [str(w.message) for w in rec]
+
+
+@pytest.mark.timeout(30)
+def test_another_ranks_checkpoint_after_finish_warns_for_its_inner_optimizers_state():
+    """After finish() θ, m and the model agree on every rank, but AdamW's moments are the saving rank's."""
+    msgs = _other_ranks_file_after_finish(lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2))
+    assert len(msgs) == 1 and "continues as a replica of rank 1" in msgs[0], msgs
+    assert "its inner optimizer's state" in msgs[0] and "local progress" not in msgs[0], msgs
+    # a stateless inner optimizer (plain SGD) after finish(): nothing is per rank, no warning
+    assert _other_ranks_file_after_finish(lambda m: sgd(m, 0.05)) == []
+
+
+# -- the communication counters continue after a resume ----------------------------------------------------------
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("kw", [dict(tau=3, link_delay=0.002), dict(tau=2, compressor="topk:0.3")],
+                         ids=["dense-delay", "topk"])
+def test_comm_stats_survive_a_checkpoint(kw):
+    model, opt = build(kw)
+    run(model, opt, 7, dtype=torch.float32)             # mid-round, an all-reduce in flight (waited for at save)
+    sd = opt.state_dict()
+    before = opt.comm_stats()
+    assert before["launches"] > 0 and before["waits"] > 0   # (one rank: nothing is sent, 0 bytes)
+    fresh, fopt = build(kw, seed=3)
+    fresh.load_state_dict(model.state_dict())
+    fopt.load_state_dict(copy.deepcopy(sd))
+    assert fopt.comm_stats() == before
+    assert fopt.exchange.stats == opt.exchange.stats
+    # training on counts on from there, exactly as the original does
+    run(model, opt, 3, start=7, dtype=torch.float32)
+    run(fresh, fopt, 3, start=7, dtype=torch.float32)
+    got, want = fopt.comm_stats(), opt.comm_stats()
+    got.pop("wait_seconds"), want.pop("wait_seconds")
+    assert got == want
+    # an older checkpoint without the counters: the loading optimizer keeps its own
+    old = copy.deepcopy(sd)
+    del old["commopt"]["stats"]
+    other_model, other = build(kw, seed=3)
+    run(other_model, other, 2, dtype=torch.float32)
+    other.exchange.settle()                             # (a load waits for its own all-reduce in flight, counted)
+    mine = copy.deepcopy(other.exchange.stats)
+    other_model.load_state_dict(model.state_dict())
+    other.load_state_dict(old)
+    assert other.exchange.stats == mine
+
+
+# -- mixed precision: GradScaler ---------------------------------------------------------------------------------
+def _scaled_run(model, opt, steps: int, scaler, overflow=(), unscale=False):
+    """``steps`` steps through ``scaler``; the steps in ``overflow`` get an infinite loss (inf/NaN gradients)."""
+    for step in range(steps):
+        x, y = batch(0, step)
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        if step in overflow:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(opt)                         # e.g. to clip gradients: then step() gets grad_scale None
+        scaler.step(opt)
+        scaler.update()
+    return [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler-step", "unscale-then-step"])
+def test_grad_scaler_without_overflow_equals_an_unscaled_run(unscale):
+    assert CO2._step_supports_amp_scaling
+    model = net()
+    opt = CO2(model, sgd(model, 0.05, 0.9), tau=3)
+    ref = run(model, opt, 8)
+    model = net()
+    opt = CO2(model, sgd(model, 0.05, 0.9), tau=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    got = _scaled_run(model, opt, 8, scaler, unscale=unscale)
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(got, ref))
+    assert opt.comm_stats()["steps"] == 8 and opt.round == 2 and opt.position == 2
+    assert not hasattr(opt, "found_inf") and not hasattr(opt, "grad_scale")   # GradScaler removed them again
+    assert scaler.get_scale() == 2.0 ** 10
+
+
+@pytest.mark.timeout(30)
+def test_grad_scaler_overflow_skips_the_local_step_but_advances_the_round():
+    """An overflow step is still a step of the round (the ranks' positions must stay aligned); only the inner
+    optimizer's update is skipped."""
+    model = net()
+    opt = CO2(model, sgd(model, 0.05, 0.9), tau=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    _scaled_run(model, opt, 1, scaler)
+    before = [p.detach().clone() for p in model.parameters()]
+    momentum = [opt.optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()]
+    x, y = batch(0, 1)
+    opt.zero_grad()
+    scaler.scale(torch.nn.functional.mse_loss(model(x), y) * float("inf")).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.position == 2 and opt.round == 0 and opt.comm_stats()["steps"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))          # the local step was skipped
+    assert all(torch.equal(a, opt.optimizer.state[p]["momentum_buffer"]) for a, p in zip(momentum, model.parameters()))
+    assert scaler.get_scale() == 2.0 ** 9                                               # the scaler backed off
+    # an overflow on the round's last step still ends the round (and launches its all-reduce)
+    model = net()
+    opt = CO2(model, sgd(model, 0.05, 0.9), tau=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    got = _scaled_run(model, opt, 6, scaler, overflow=(2, 4))
+    assert opt.round == 2 and opt.position == 0 and opt.comm_stats()["launches"] == 2
+    assert all(torch.isfinite(p).all() for p in got)
+    assert scaler.get_scale() == 2.0 ** 8
 
 
 # -- runs that end without finish() ----------------------------------------------------------------------------

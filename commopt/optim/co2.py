@@ -12,6 +12,7 @@ SPEC §6, not from the released code.
 from __future__ import annotations
 
 import atexit
+import copy
 import hashlib
 import math
 import sys
@@ -223,11 +224,28 @@ class CO2(WrappedOptimizer):
     every rank holds the same model. An all-reduce in flight is waited for at save
     time and stored as completed. See :meth:`load_state_dict` for what a load
     accepts (another world size, another rank's file, a checkpoint without CO2's
-    state, e.g. from ``torch.distributed.checkpoint``).
+    state, e.g. from ``torch.distributed.checkpoint``). The communication counters of
+    :meth:`comm_stats` are saved too and continue after a resume.
+
+    Mixed precision: CO2 sets ``_step_supports_amp_scaling``, so
+    ``torch.amp.GradScaler.step(opt)`` always calls :meth:`step`, handing it
+    ``opt.grad_scale`` and ``opt.found_inf`` (this rank's inf/NaN check). CO2 never
+    averages gradients, so a rank can overflow while the others do not; a skipped
+    ``step()`` on that rank alone would put its round position behind the others' and
+    mismatch the outer all-reduces. Instead every call counts on every rank: with
+    ``found_inf`` nonzero only the inner optimizer's step is skipped (this rank loses
+    one local step, its round still advances), otherwise the gradients are unscaled
+    (divided by ``grad_scale`` unless ``scaler.unscale_(opt)`` already did) and the
+    inner optimizer steps. Each rank's scaler keeps its own scale (nothing needs it
+    to agree). Calls not made through a GradScaler are unchanged.
     """
 
     #: CO2's own state sits under this key beside ``state`` and ``param_groups`` (as for every commopt optimizer)
     state_key = "commopt"
+
+    #: ``torch.amp.GradScaler.step`` always calls :meth:`step` (with ``grad_scale`` / ``found_inf`` set on
+    #: the optimizer) instead of skipping it on an overflow: the round position must stay aligned across ranks
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -398,12 +416,39 @@ class CO2(WrappedOptimizer):
         optimizer: it neither advances the round position nor launches anything."""
         if _in_dcp_init_step():
             return self.optimizer.step(closure)
-        loss = self.optimizer.step(closure)
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:                          # not called through a GradScaler
+            loss = self.optimizer.step(closure)
+        elif float(found_inf) != 0.0:                  # this rank's scaled gradients overflowed
+            loss = None                                # skip the local step only: the round still advances
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+        else:
+            self._unscale_grads(getattr(self, "grad_scale", None))
+            loss = self.optimizer.step(closure)
         self._steps += 1
         self._pos += 1
         if self._pos == self.tau:
             self._end_round()
         return loss
+
+    @torch.no_grad()
+    def _unscale_grads(self, grad_scale: Optional[Tensor]) -> None:
+        """GradScaler's contract: divide every gradient by ``grad_scale`` (``None``: already unscaled)."""
+        if grad_scale is None:
+            return
+        scales: dict[torch.device, Tensor] = {}
+        for p in self._params:
+            if p.grad is None:
+                continue
+            inv = scales.get(p.grad.device)
+            if inv is None:
+                inv = scales[p.grad.device] = grad_scale.to(device=p.grad.device, dtype=torch.float64)
+            if p.grad.is_sparse:
+                p.grad = p.grad / inv.to(p.grad.dtype)
+            else:
+                p.grad.div_(inv)
 
     @torch.no_grad()
     def _apply(self, i: int, theta: Tensor, m: Tensor, delta: Tensor) -> Union[float, Tensor]:
@@ -611,7 +656,9 @@ class CO2(WrappedOptimizer):
                 "anchor": self._theta.detach().cpu().clone(), "momentum": self._m.detach().cpu().clone(),
                 "start": self._s.detach().cpu().clone() if self._s is not None else None,
                 "gap": self._gap.detach().cpu().clone(),
-                "exchange": self.exchange.state_dict()}
+                "exchange": self.exchange.state_dict(),
+                # after exchange.state_dict(): the wait for an all-reduce in flight is counted in them
+                "stats": copy.deepcopy(self.exchange.stats)}
 
     def _split_legacy(self, sd: dict) -> Optional[tuple[dict, Optional[dict]]]:
         """The layout before torch.optim-shaped checkpoints: ``{"optimizer": inner, "co2": own}``."""
@@ -678,11 +725,20 @@ class CO2(WrappedOptimizer):
             _tensor_of(sd, "start", n)
         _tensor_of(sd, "gap", len(self._params))
         self._check_exchange_state(sd.get("exchange"), keep=mode != "reset")
+        stats = sd.get("stats")   # absent in older checkpoints: the current counters are kept
+        if stats is not None:
+            if not isinstance(stats, dict) or not isinstance(stats.get("collectives", {}), dict) or any(
+                    isinstance(v, bool) or not isinstance(v, (int, float))
+                    for k, v in stats.items() if k != "collectives"):
+                raise ValueError("CO2 checkpoint is inconsistent: bad communication counters ('stats')")
         return mode
 
-    def _per_rank_parts(self, sd: dict) -> list[str]:
-        """What in a (validated) checkpoint is specific to the rank that saved it."""
+    def _per_rank_parts(self, sd: dict, inner: Optional[dict] = None) -> list[str]:
+        """What in a (validated) checkpoint is specific to the rank that saved it (``inner``: the inner
+        optimizer's part; its state, e.g. AdamW's moments, is never averaged, so it is per rank too)."""
         parts = []
+        if isinstance(inner, dict) and inner.get("state"):
+            parts.append("its inner optimizer's state")
         if sd["position"] != 0:
             parts.append(f"its local progress ({sd['position']} of tau={self.tau} steps into the round)")
         if self._s is not None and not torch.equal(sd["start"], sd["anchor"].to(sd["start"].dtype)):
@@ -728,6 +784,10 @@ class CO2(WrappedOptimizer):
                 self._gap.copy_(own["gap"])
                 self._pos = int(own["position"])
                 self.exchange.load_state_dict(own["exchange"])
+            if own.get("stats") is not None:   # the counters continue (an older checkpoint: kept as they are)
+                stats = copy.deepcopy(own["stats"])
+                self.exchange.stats = {**self.exchange.stats, **stats,
+                                       "collectives": dict(stats.get("collectives", {}))}
         if mode == "reset":
             warnings.warn(
                 f"CO2.load_state_dict: the checkpoint was saved with world size {own['world_size']}, this run has "
@@ -736,7 +796,7 @@ class CO2(WrappedOptimizer):
                 f"θ at position 0 (its parameters were set to θ: load the model's state before the optimizer's).",
                 RuntimeWarning, stacklevel=4)
         elif mode == "other-rank":
-            parts = self._per_rank_parts(own)
+            parts = self._per_rank_parts(own, inner)
             if parts:
                 warnings.warn(
                     f"CO2.load_state_dict: this checkpoint holds rank {own['rank']}'s state and this is rank "
@@ -786,8 +846,9 @@ class CO2(WrappedOptimizer):
           rank, nanoGPT's master-only checkpoint): accepted; this rank continues as a
           replica of the saving rank (its s_i, position, error-feedback residual; θ, m
           and the completed all-reduce are replicated anyway). That is consistent only if
-          the model state loaded here is that rank's too. It warns unless the checkpoint
-          was taken at a consensus point (after :meth:`finish`), where nothing is per rank.
+          the model state loaded here is that rank's too. It warns unless nothing in it is
+          per rank: taken at a consensus point (after :meth:`finish`) with an inner optimizer
+          that holds no state (e.g. plain SGD; AdamW's moments or SGD's momentum are per rank).
         * **no CO2 state** (a plain optimizer checkpoint, or one that went through
           ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps
           only ``state`` and ``param_groups``): the inner optimizer is loaded and CO2's

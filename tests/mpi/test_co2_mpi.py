@@ -12,7 +12,9 @@
   mid-flight resumes identically (fresh-process resumption: tests/test_co2.py);
 * checkpoint edge cases: rank 0's file loaded on every rank (master-only), a
   resume on half the ranks with ``on_world_size_change="reset"``, and
-  ``torch.distributed.checkpoint``'s optimizer state dict on a DDP model.
+  ``torch.distributed.checkpoint``'s optimizer state dict on a DDP model; rank 0's
+  file saved after ``finish()`` warns for a per-rank inner state (AdamW);
+* ``torch.amp.GradScaler`` with an overflow on one rank only: the rounds stay aligned.
 """
 
 from __future__ import annotations
@@ -616,3 +618,85 @@ def test_checkpoint_refused_on_one_rank_is_refused_on_every_rank(where):
     train(model, opt, 3, rank)   # still usable, still in step with the other ranks
     opt.finish()
     assert len(set(gather(bits(model.parameters())))) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("inner", ["adamw", "sgd"])
+def test_rank0s_checkpoint_saved_after_finish_warns_for_a_per_rank_inner_state(inner):
+    """After finish() the model, θ and m agree on every rank, but the inner optimizer's state (AdamW's moments)
+    was never averaged: loading rank 0's file elsewhere warns that the rank continues as a replica of rank 0.
+    A stateless inner optimizer (plain SGD) leaves nothing per rank: no warning."""
+    from mpi_helpers import all_ranks_true, roundtrip
+
+    rank = dist.get_rank()
+
+    def make(model):
+        if inner == "adamw":
+            return CO2(model, torch.optim.AdamW(model.parameters(), lr=1e-2), tau=3)
+        return CO2(model, torch.optim.SGD(model.parameters(), lr=0.05), tau=3)
+
+    model = linear()
+    opt = make(model)
+    train(model, opt, 7, rank)
+    opt.finish()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # consensus point: no "save per rank" warning
+        ck = [roundtrip({"model": model.state_dict(), "opt": opt.state_dict()})]
+    dist.broadcast_object_list(ck, src=0)
+    fresh = torch.nn.Linear(D_IN, 1).double()
+    fopt = make(fresh)
+    fresh.load_state_dict(ck[0]["model"])
+    error = None
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        try:
+            fopt.load_state_dict(ck[0]["opt"])
+        except Exception as exc:
+            error = exc
+    msgs = [str(w.message) for w in rec]
+    want = 1 if (inner == "adamw" and rank != 0) else 0
+    ok = error is None and len(msgs) == want and all(
+        f"rank {rank} continues as a replica of rank 0, taking its inner optimizer's state" in m for m in msgs)
+    assert all_ranks_true(ok), (error, msgs)
+    train(fresh, fopt, 5, rank)
+    fopt.finish()
+    assert len(set(gather(bits(fresh.parameters())))) == 1
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("unscale", [False, True], ids=["scaler-step", "unscale-then-step"])
+def test_grad_scaler_overflow_on_one_rank_keeps_the_rounds_aligned(unscale):
+    """GradScaler skips ``step()`` of an optimizer whose gradients overflowed; CO2 never averages gradients, so
+    one rank can overflow alone. CO2 takes the call anyway (only the inner step is skipped): every rank ends its
+    rounds at the same step, the outer all-reduces match, and finish() leaves identical parameters."""
+    from mpi_helpers import all_ranks_true
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    tau, steps, bad = 3, 11, 4                            # the last rank overflows on step 4 only (mid-round 1)
+    model = linear()
+    opt = CO2(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), tau=tau, check_every=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = rank_data(rank)
+    trace = []
+    for step in range(steps):
+        opt.zero_grad()
+        loss = loss_of(model, x, y)
+        if step == bad and rank == world - 1:
+            loss = loss * float("inf")
+        scaler.scale(loss).backward()
+        if unscale:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+        trace.append((opt.round, opt.position, opt.comm_stats()["launches"]))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    assert all_ranks_true(finite)
+    assert len(set(map(tuple, gather(trace)))) == 1, "the ranks' rounds drifted apart"
+    assert trace[-1] == (steps // tau, steps % tau, steps // tau)
+    scales = gather(scaler.get_scale())
+    assert scales[-1] == 2.0 ** 9 and all(s == 2.0 ** 10 for s in scales[:-1])   # only the last rank backed off
+    opt.finish()
+    assert len(set(gather(bits(model.parameters()) + _replicated_bits(opt)))) == 1
+    assert all_ranks_true(all(bool(torch.isfinite(p).all()) for p in model.parameters()))
