@@ -147,6 +147,7 @@ class CompressionState:
         self._order: dict[int, int] = {}           # id(block) -> bucket index it was made for (ordering)
         self._pending: list[tuple[Block, Tensor, dict[str, Tensor]]] = []  # filled by callbacks
         self._step_futures: list[Future] = []
+        self._failed_steps: set[int] = set()       # steps whose exchange failed: late rounds are dropped
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
@@ -325,7 +326,7 @@ class CompressionState:
 
     def dense_round(self, blk: Block, g_in: Tensor) -> Future:
         """Uncompressed all-reduce of ``g_in`` (in place); (re)initialises the block's state (SPEC §2)."""
-        n, sdt = self.world_size, _state_dtype(g_in.dtype)
+        n, sdt, step = self.world_size, _state_dtype(g_in.dtype), self.step
         scale = self._scale()
         names = self.slot_names
         g = unscaled(g_in.clone() if g_in.dtype == sdt and scale is None else g_in, scale, sdt)
@@ -338,7 +339,7 @@ class CompressionState:
             total = fut.value()  # re-raises a failed all-reduce
             hold_on_current_stream([g])
             new, ok, _ = dense_start(self.feedback, g, unscaled(total, scale, sdt), n)
-            self._stage(blk, ok, new if names else {})
+            self._stage(blk, ok, new if names else {}, step)
             return total.div_(n)
 
         return self.exchange.dense(g_in).then(finish)
@@ -346,7 +347,7 @@ class CompressionState:
     def compressed_round(self, blk: Block, g_in: Tensor, used: Optional[Tensor] = None) -> Future:
         """Compress with feedback and exchange a fixed-size message (:func:`commopt.round.compress`);
         the averaged estimate goes back into ``g_in`` and the new state is staged for the commit."""
-        n, sdt = self.world_size, _state_dtype(g_in.dtype)
+        n, sdt, step = self.world_size, _state_dtype(g_in.dtype), self.step
         scale = self._scale()
         fb = self.feedback
         out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), blk.k, self.step, blk.key,
@@ -363,17 +364,19 @@ class CompressionState:
             total = f.value()  # the exchange's own result tensor; re-raises a failed collective
             hold_on_current_stream(out.tensors())
             new, ok, est, mean = conclude(fb, blk.slots, out, total, n)
-            self._stage(blk, ok, new)
+            self._stage(blk, ok, new, step)
             return write_estimate(est, ok, mean, scale, g_in)
 
         return fut.then(finish)
 
-    def _stage(self, blk: Block, ok: Tensor, new: dict[str, Tensor]) -> None:
+    def _stage(self, blk: Block, ok: Tensor, new: dict[str, Tensor], step: int) -> None:
         """Keep a block's new state for the step's commit (``commit="step"``), or apply it now where ``ok``
         (``commit="block"``: at most one block's old and new state coexist)."""
         if self.commit == "block" and new:
             self._apply(blk, ok, new)
             new = {}
+        if step in self._failed_steps:
+            return  # a round of a step that already failed (it finished late): drop it
         self._pending.append((blk, ok, new))
 
     @staticmethod
@@ -393,6 +396,7 @@ class CompressionState:
         pending, self._pending = self._pending, []
         if not pending:
             return
+        hold_on_current_stream([item[1] for item in pending])
         ok = torch.stack([item[1] for item in pending]).all()
         if self.slot_names and (self.in_warmup() or self.step <= max(self.warmup_steps, self.dense_until)):
             self._last_ok = ok  # read once when warm-up ends (see _extend_warmup_if_it_overflowed)
@@ -436,7 +440,10 @@ class CompressionState:
                 "stats": stats, "skipped_rounds": int(self._skipped),
                 # whether the last dense round was finite, still to be read when warm-up ends: without it
                 # a resume would compress from the state of an overflowed dense round (zeros)
-                "last_dense_ok": None if self._last_ok is None else bool(self._last_ok)}
+                "last_dense_ok": None if self._last_ok is None else bool(self._last_ok),
+                # the loss scale the state was divided by (None: no GradScaler bound): a resume whose scaler
+                # is bound only at its first step again converts the state back (see _apply_load)
+                "grad_scale": None if self._scale() is None else float(self._scale())}
 
     def load_state_dict(self, sd: Optional[dict], on_world_size_change: str = "error") -> None:
         """Restore from :meth:`state_dict`. **Every rank** of the process group must call it: one
@@ -592,6 +599,14 @@ class CompressionState:
             flag = sd.get("last_dense_ok") if sd is not None else None
             if flag is not None:
                 self._last_ok = torch.tensor(bool(flag), device=self._skipped.device)
+            saved_scale = sd.get("grad_scale") if sd is not None else None
+            if saved_scale is not None and self.grad_scaler is None:
+                # saved in unscaled units under a GradScaler this run has not bound yet: until it is bound
+                # (at its first scaler.step, which divides by the then current scale) the hook sees scaled
+                # gradients, so keep the state in the units of the saved scale meanwhile
+                for blk in {id(b): b for b, _ in self._block_of.values()}.values():
+                    for t in blk.slots.values():
+                        t.mul_(saved_scale)
             return
         import warnings
 
@@ -636,7 +651,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
             futures.append(state.compressed_round(blk, g, state.used_mask(blk, buf.device)))
 
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
-        fut = futures[0] if buf.is_cuda else futures[0].then(lambda _: buf)
+        fut = futures[0] if buf.is_cuda else futures[0].then(lambda f: (f.value(), buf)[1])  # value(): re-raise
     else:
         def assemble() -> Tensor:
             for (blk, pos, off), f in zip(plan.parts, futures):
@@ -648,6 +663,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     state._step_futures.append(fut)
     if bucket.is_last():
         step_futures, state._step_futures = state._step_futures, []
+        this_step = state.step
         state.step += 1
         state.stats["steps"] += 1
         if state._used is not None:
@@ -659,6 +675,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
                     f.wait()  # re-raises a failed bucket; on CUDA also orders the streams
             except Exception:
                 state._pending.clear()  # a failed step leaves the state as it was
+                state._failed_steps = {s for s in state._failed_steps if s >= this_step - 2} | {this_step}
                 raise
             state._commit()
             return buf
@@ -702,6 +719,14 @@ def refuse_python_reducer(ddp_model: Any = None) -> None:
             "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
 
 
+def _settled(f: Future) -> None:
+    """A callback that completes successfully once ``f`` is done, whatever its outcome."""
+    try:
+        f.wait()
+    except Exception:  # noqa: BLE001 - the caller re-raises it from the original future
+        pass
+
+
 def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:
     """A future of ``fn()`` run once every future in ``futures`` is done.
 
@@ -709,7 +734,9 @@ def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:
     without devices, whose completion would record no stream events, so the result goes
     into a ``Future(devices=[buf.device])`` that records them (DDP then waits correctly).
     """
-    gathered = torch.futures.collect_all(futures)
+    # collect_all completes at the first error; wait for every future to settle instead, so that fn()'s
+    # wait() calls never block a callback thread on a collective still running
+    gathered = torch.futures.collect_all([f.then(_settled) for f in futures])
     if not buf.is_cuda:
         return gathered.then(lambda _: fn())
     result: Future = torch.futures.Future(devices=[buf.device])

@@ -379,9 +379,11 @@ class OuterExchange:
         out = pending["out"]
         if value is None:
             value = ordered_sum([(out.idx, out.vals)], self.numel, self.state_dtype, out.vals.device)
-        new, _, est, _ = conclude(fb, self.slots, out, value, self.n)
-        self.slots.update(new)
-        return est, 1
+        new, ok, est, mean = conclude(fb, self.slots, out, value, self.n)
+        # a non-finite round (some rank's d_i was not finite) leaves the feedback state as it was
+        for name, v in new.items():
+            self.slots[name] = torch.where(ok, v, self.slots[name]) if name in self.slots else v
+        return torch.where(ok, est, mean), 1
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -385,3 +385,86 @@ def test_compression_state_load_for_hook_users():
         state.load_state_dict({**sd, "feedback": {"name": "ef14"}})
     _train(ddp, opt, 5, 9)
     assert state.stats["compressed_rounds"] > 0
+
+
+# -- review findings: resume with an auto-bound GradScaler; a failed collective on the CPU -------------------
+
+def _scaled_run(bind: bool):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = DDP(m, bucket_cap_mb=0.001)
+    sc = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(m.parameters(), lr=0.05), compressor="topk:0.1",
+                                      feedback="econtrol", grad_scaler=sc if bind else None)
+    return m, ddp, sc, opt
+
+
+def _scaled_step(t, m, ddp, sc, opt):
+    g = torch.Generator().manual_seed(t)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+    opt.zero_grad()
+    sc.scale(torch.nn.functional.mse_loss(ddp(x), y)).backward()
+    sc.step(opt)
+    sc.update()
+
+
+@pytest.mark.parametrize("bind", [True, False], ids=["grad_scaler-passed", "auto-bound"])
+def test_resume_with_a_gradscaler_is_bitwise(bind):
+    """A per-rank resume is exact whether the scaler was passed as grad_scaler= or bound at its first
+    scaler.step (the checkpoint records the scale the state was divided by)."""
+    ref = _scaled_run(bind)
+    for t in range(8):
+        _scaled_step(t, *ref)
+    a = _scaled_run(bind)
+    for t in range(4):
+        _scaled_step(t, *a)
+    buf = io.BytesIO()
+    torch.save({"m": a[0].state_dict(), "o": a[3].state_dict(), "s": a[2].state_dict()}, buf)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=False)
+    b = _scaled_run(bind)
+    b[0].load_state_dict(ck["m"])
+    b[3].load_state_dict(ck["o"])
+    b[2].load_state_dict(ck["s"])
+    for t in range(4, 8):
+        _scaled_step(t, *b)
+    assert b[3].hook_state.grad_scaler is b[2]
+    assert all(torch.equal(p, q) for p, q in zip(ref[0].parameters(), b[0].parameters()))
+
+
+@pytest.mark.parametrize("cap", [25.0, 0.0005], ids=["one-bucket", "several-buckets"])
+def test_failed_collective_raises_in_backward_and_keeps_the_state(cap):
+    """A collective that fails (here: the exchange's future carries an error) makes backward() raise;
+    the feedback state is left as it was and the next step trains on."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    ddp = DDP(m, bucket_cap_mb=cap)
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(m.parameters(), lr=0.05), compressor="topk:0.1",
+                                      feedback="econtrol")
+    st = opt.hook_state
+    real = st.exchange.send
+
+    def step(t):
+        g = torch.Generator().manual_seed(t)
+        x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        opt.step()
+
+    for t in range(4):
+        step(t)
+    before = {(i, n): v.clone() for i, b in st.blocks().items() for n, v in b.slots.items()}
+
+    def failing(*args, **kwargs):
+        f = torch.futures.Future()
+        f.set_exception(RuntimeError("injected: Connection closed by peer"))
+        return f
+
+    st.exchange.send = failing
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        step(4)
+    after = {(i, n): v for i, b in st.blocks().items() for n, v in b.slots.items()}
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    st.exchange.send = real
+    step(5)
+    assert all(torch.isfinite(p).all() for p in m.parameters())
