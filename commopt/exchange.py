@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from .round import hold_on_current_stream
+
 __all__ = ["Exchange", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -66,12 +68,6 @@ def ordered_sum(messages: "list[tuple[Tensor, Tensor]]", d: int, out_dtype: torc
     for idx, vals in messages:
         out.index_add_(0, idx, vals.to(out_dtype))
     return out
-
-
-def _hold(tensors: "list[Tensor]") -> None:
-    # CUDA: tensors made on the launching stream are read by the callback's stream (see round.hold_on_current_stream)
-    from .round import hold_on_current_stream
-    hold_on_current_stream(tensors)
 
 
 class Exchange:
@@ -118,7 +114,7 @@ class Exchange:
 
         def densify(f: Future) -> Tensor:
             f.value()  # re-raises a failed all-reduce
-            _hold([idx, buf])
+            hold_on_current_stream([idx, buf])
             dense = torch.zeros(d, dtype=out_dtype, device=buf.device) if out is None else out.zero_()
             return dense.index_put_((idx,), buf.to(out_dtype))
 
@@ -137,7 +133,7 @@ class Exchange:
 
         def summed(f: Future) -> Tensor:
             f.value()  # re-raises a failed all-gather
-            _hold([recv, send])
+            hold_on_current_stream([recv, send])
             rows = recv.view(self.n, width)
             # clone: a fresh storage offset for the index view
             msgs = [(rows[r, k:].clone().view(idt), rows[r, :k]) for r in range(self.n)]

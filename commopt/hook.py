@@ -193,7 +193,7 @@ class CompressionState:
         s = self._scale()
         if s is None:
             return
-        for blk in {id(b): b for b, _ in self._block_of.values()}.values():
+        for blk in self.blocks().values():
             for t in blk.slots.values():
                 t.div_(s.to(device=t.device, dtype=t.dtype))
 
@@ -604,7 +604,7 @@ class CompressionState:
                 # saved in unscaled units under a GradScaler this run has not bound yet: until it is bound
                 # (at its first scaler.step, which divides by the then current scale) the hook sees scaled
                 # gradients, so keep the state in the units of the saved scale meanwhile
-                for blk in {id(b): b for b, _ in self._block_of.values()}.values():
+                for blk in self.blocks().values():
                     for t in blk.slots.values():
                         t.mul_(saved_scale)
             return

@@ -23,7 +23,7 @@ are 0-d tensors, never read on the host here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -65,8 +65,6 @@ def write_estimate(est: Tensor, ok: Tensor, mean: Tensor, scale: Optional[Tensor
 def hold_on_current_stream(tensors: "list[Tensor]") -> None:
     """CUDA: mark tensors made on another stream as in use on the current one, so the caching allocator
     does not hand their memory to the next bucket before this stream's kernels have read them."""
-    if not torch.cuda.is_available():
-        return
     stream = None
     for t in tensors:
         if isinstance(t, Tensor) and t.is_cuda:
@@ -87,11 +85,10 @@ class Outgoing:
     own: Tensor                    # [k], this rank's message as the others receive it, in state units
     used: Optional[Tensor] = None  # bool [d] or None (every parameter used)
     scale: Optional[Tensor] = None  # the loss scale the wire values carry (None: unscaled)
-    extra: list = field(default_factory=list)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the round reads after the exchange (for :func:`hold_on_current_stream`)."""
-        out = [self.g, self.idx, self.vals, self.own, *self.aux.values(), *self.extra]
+        out = [self.g, self.idx, self.vals, self.own, *self.aux.values()]
         if self.p is not None:
             out.append(self.p)
         if self.scale is not None:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from ..consistency import build_consistently
+from ..consistency import build_consistently, refuse_together
 from ..precond import layers as L
 from ..precond.rank1 import RULES, compute_dtype, precondition, update_factor
 from .wrapper import WrappedOptimizer
@@ -666,17 +666,9 @@ class MKOR(WrappedOptimizer):
             apply, err = None, None
             try:
                 apply = self._prepare_own(own)
-            except Exception as exc:  # noqa: BLE001 - reported to every rank below
-                err = exc
-            verdicts: list[Any] = [None] * self.world_size
-            dist.all_gather_object(verdicts, None if err is None else f"{type(err).__name__}: {err}",
-                                   group=self.process_group)
-            if err is not None:
-                raise err
-            failed = [(r, v) for r, v in enumerate(verdicts) if v is not None]
-            if failed:
-                raise ValueError("MKOR.load_state_dict: MKOR's part was refused on " +
-                                 "; ".join(f"rank {r} ({v})" for r, v in failed) + "; nothing was loaded")
+            except Exception as exc:  # noqa: BLE001 - reported to every rank by refuse_together
+                err = f"{type(exc).__name__}: {exc}"
+            refuse_together(err, self.process_group, "MKOR.load_state_dict (MKOR's part)")
         else:
             apply = self._prepare_own(own)
         self._load_inner_atomically(inner)

@@ -222,7 +222,7 @@ def test_mkor_part_refused_on_one_rank_raises_on_every_rank_and_changes_nothing(
     bad = roundtrip(good)
     if r == 1:
         bad["mkor"]["factors"]["layers.0"]["left"] = torch.eye(3, dtype=F64)
-    with pytest.raises(ValueError, match="factor shapes" if r == 1 else "refused on rank 1"):
+    with pytest.raises(ValueError, match="factor shapes" if r == 1 else r"refused on rank\(s\) \[1\]"):
         opt.load_state_dict(bad)
     after = opt.state_dict()
     unchanged = (after["mkor"]["steps"] == before["mkor"]["steps"] == 5
