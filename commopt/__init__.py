@@ -11,6 +11,7 @@ with the next round. :class:`MKOR` preconditions Linear/Conv2d gradients with
 Kronecker factors kept current by rank-1 Sherman–Morrison updates.
 """
 
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from .compressors import Compressor, RandK, ScaledRandK, TopK, make_compressor
 from .distributed import DistInfo, init_distributed
 from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback, NoFeedback, make_feedback
@@ -33,4 +34,5 @@ __all__ = [
     "CO2", "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty",
     "MKOR",
     "init_distributed", "DistInfo",
+    "save_checkpoint", "load_checkpoint", "latest_checkpoint", "CheckpointError",
 ]

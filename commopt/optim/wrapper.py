@@ -25,6 +25,38 @@ from torch.optim import Optimizer
 __all__ = ["WrappedOptimizer"]
 
 
+#: per-parameter state of torch.optim's built-in optimizers that has the parameter's shape
+_PARAM_SHAPED = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "exp_inf", "square_avg",
+                           "grad_avg", "sum", "acc_delta", "ax", "prev", "step_size"})
+
+
+def _check_param_shaped_state(optimizer: Optimizer, sd: Any) -> None:
+    """Raise ``ValueError`` if ``sd`` gives a built-in ``torch.optim`` optimizer a state tensor of another
+    shape than its parameter (e.g. AdamW's ``exp_avg``): torch's ``load_state_dict`` accepts it and the
+    next ``step`` fails, on this rank only (the others would then wait in the next collective)."""
+    if not type(optimizer).__module__.startswith("torch.optim") or not isinstance(sd, dict):
+        return
+    groups, state = sd.get("param_groups"), sd.get("state")
+    if not isinstance(groups, list) or not isinstance(state, dict):
+        return  # torch's own load raises
+    try:
+        saved_ids = [i for g in groups for i in g["params"]]
+    except (TypeError, KeyError):
+        return
+    live = [p for g in optimizer.param_groups for p in g["params"]]
+    if len(saved_ids) != len(live):
+        return  # torch's own load raises
+    param_of = dict(zip(saved_ids, live))
+    for pid, entry in state.items():
+        p = param_of.get(pid)
+        if p is None or not isinstance(entry, dict):
+            continue
+        for key, value in entry.items():
+            if key in _PARAM_SHAPED and isinstance(value, torch.Tensor) and value.shape != p.shape:
+                raise ValueError(f"the state of parameter {pid} has {key!r} of shape {tuple(value.shape)}, "
+                                 f"its parameter has shape {tuple(p.shape)}")
+
+
 class WrappedOptimizer(Optimizer):
     """Base class of commopt's optimizers: a drop-in ``Optimizer`` around ``optimizer``."""
 
@@ -88,6 +120,7 @@ class WrappedOptimizer(Optimizer):
         if isinstance(self.optimizer, WrappedOptimizer):
             self.optimizer.load_state_dict(inner)
             return
+        _check_param_shaped_state(self.optimizer, inner)
         old_state, old_groups = self.optimizer.state, self.optimizer.param_groups
         old_group_items = [dict(g) for g in old_groups]
         try:
