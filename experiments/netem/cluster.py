@@ -3,16 +3,22 @@
 Each *node* is a network namespace with one ``eth0`` (a veth pair whose other end sits on a
 Linux bridge in the root namespace) and its own loopback. All ranks of a node share that
 namespace, so intra-node traffic stays on the node while inter-node traffic crosses the node's
-link. Every link is shaped with ``tc netem`` in both directions (the namespace side shapes what
+link. Every link is shaped with ``tc`` in both directions (the namespace side shapes what
 the node sends, the bridge side what it receives): ``rate`` each way, ``delay`` and ``loss`` on
 what the node sends, so a round trip between nodes a and b adds ``delay_a + delay_b``.
 
-Faults while running: :meth:`Cluster.partition` (100 % loss both ways: packets vanish silently,
-as with a pulled cable behind a switch), :meth:`Cluster.slow` (extra delay), :meth:`Cluster.heal`.
+Faults while running: :meth:`Cluster.partition` (the node's bridge port stops forwarding: every
+packet to and from it vanishes silently, as behind a dead switch port), :meth:`Cluster.slow`
+(extra delay), :meth:`Cluster.set_rate` (a slower link), :meth:`Cluster.heal`.
 
-Needs root and iproute2 (``ip``, ``tc``); :func:`check_support` raises :class:`NetemUnavailable`
-with the reason otherwise. Everything is torn down on exit, on an exception, on Ctrl-C / SIGTERM
-(the CLI installs handlers) and at interpreter exit; objects left by a run that was SIGKILLed
+Rates are shaped with ``tbf``; ``delay``/``loss`` (and :meth:`Cluster.slow`) need the kernel's
+``sch_netem`` and raise :class:`NetemUnavailable` saying so where it is missing (as on the machine
+this was written on: only tbf, htb and pfifo exist there), so a slow node is then emulated with
+:meth:`Cluster.set_rate`.
+
+Needs root and iproute2 (``ip``, ``tc``, ``bridge``); :func:`check_support` raises :class:`NetemUnavailable`
+with the reason otherwise. Everything is torn down on exit, on an exception, on Ctrl-C, on SIGTERM /
+SIGHUP (turned into ``SystemExit`` when no handler was set) and at interpreter exit; objects left by a run that was SIGKILLed
 (names carry the creating process's id) are removed by the next :class:`Cluster`, or by
 :func:`cleanup_stale`.
 
@@ -80,7 +86,7 @@ def check_support() -> None:
         raise NetemUnavailable(f"network namespaces need Linux, this is {sys.platform}")
     if os.geteuid() != 0:
         raise NetemUnavailable("creating network namespaces needs root (euid is %d)" % os.geteuid())
-    for tool in ("ip", "tc"):
+    for tool in ("ip", "tc", "bridge"):
         if shutil.which(tool) is None:
             raise NetemUnavailable(f"`{tool}` not found on PATH: install iproute2")
     # a throw-away namespace proves that netns works (a container may forbid it)
@@ -295,6 +301,7 @@ class Cluster:
             return self
         check_support()
         cleanup_stale()
+        _install_signal_handlers()
         with _live_lock:
             _live.add(self)
         self._up = True
@@ -552,6 +559,20 @@ class Cluster:
                 pass
         for ns in self.netns:
             _kill_ns_pids(ns)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM / SIGHUP left at their default (die at once, no cleanup) become ``SystemExit``, so ``with
+    Cluster(...)`` blocks and :func:`atexit` unwind and tear down; handlers a script set are left alone."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) == signal.SIG_DFL:
+            signal.signal(sig, _raise_exit)
 
 
 @atexit.register
