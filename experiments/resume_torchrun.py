@@ -75,7 +75,9 @@ def run(kind: str, args, rank: int, world: int, attempt: int, ckpt_dir: Path, ou
     data = torch.Generator().manual_seed(1000 + rank)     # the sampler: a stateful generator per rank
     torch.manual_seed(100 + rank)                          # dropout draws from torch's global RNG
     start, resumed_co2 = 0, None
-    step, path = commopt.latest_checkpoint(lambda: steps_in(ckpt_dir, rf"step(\d+)_rank{rank}\.pt"))
+    local = steps_in(ckpt_dir, rf"step(\d+)_rank{rank}\.pt")
+    newest_local = max(local, default=None)                # this rank may be a save ahead of the others
+    step, path = commopt.latest_checkpoint(lambda: local)
     if step is not None:
         ck = commopt.load_checkpoint(path)                 # a collective: unreadable anywhere -> raises everywhere
         model.load_state_dict(ck["model"])                 # the model first (CO2's models are per rank)
@@ -85,7 +87,7 @@ def run(kind: str, args, rank: int, world: int, attempt: int, ckpt_dir: Path, ou
         torch.set_rng_state(ck["torch_rng"])
         start, resumed_co2 = int(ck["step"]), ck.get("co2")
         assert start == step
-    print(f"[rank {rank}] {kind} attempt {attempt}: " + (f"resumed from step {start} ({path})" if step is not None
+    print(f"[rank {rank}] {kind} attempt {attempt}: " + (f"resumed from step {start} ({path}; newest file of this rank: step {newest_local})" if step is not None
                                                          else "no checkpoint, starting at step 0"), flush=True)
     in_flight_at_save = []
     loss = torch.zeros(())
@@ -125,7 +127,8 @@ def run(kind: str, args, rank: int, world: int, attempt: int, ckpt_dir: Path, ou
         final["finished"] = [q.detach().clone() for q in model.parameters()]
     torch.save(final, out / f"final_rank{rank}.pt")
     result = {"opt": kind, "rank": rank, "world_size": world, "restart_count": attempt,
-              "resumed_from": start if step is not None else None, "steps": args.steps,
+              "resumed_from": start if step is not None else None, "newest_local_checkpoint": newest_local,
+              "steps": args.steps,
               "co2_saves": in_flight_at_save or None,
               "resumed_checkpoint_co2": resumed_co2, "final_loss": float(loss.detach())}
     (out / f"result_rank{rank}.json").write_text(json.dumps(result))

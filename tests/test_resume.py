@@ -299,3 +299,21 @@ def test_kill_and_restart_equals_uninterrupted(tmp_path):
     for kind in ("compressed", "mkor"):
         p0, p1 = (torch.load(tmp_path / "A" / kind / f"final_rank{r}.pt")["params"] for r in range(2))
         assert all(torch.equal(x, y) for x, y in zip(p0, p1))
+
+
+def test_damaged_group_or_missing_state_is_refused_by_the_inner_load():
+    """A saved param group without 'lr' (torch loads it; the next step fails), or a dict without 'state':
+    refused inside the wrapper's inner load, with nothing changed."""
+    model, opt = _model_opt()
+    _train(model, opt, 4)
+    sd = copy.deepcopy(opt.state_dict())
+    before = _snapshot(model, opt)
+    no_lr = copy.deepcopy(sd)
+    del no_lr["param_groups"][0]["lr"]
+    with pytest.raises(ValueError, match=r"param group 0 of the checkpoint lacks \['lr'\]"):
+        opt.load_state_dict(no_lr)
+    no_state = {k: v for k, v in sd.items() if k not in ("state", "param_groups")}
+    with pytest.raises(ValueError, match="not an optimizer state_dict"):
+        opt.load_state_dict(no_state)
+    assert _same(_snapshot(model, opt), before)
+    _train(model, opt, 2, seed=4)

@@ -120,11 +120,22 @@ class WrappedOptimizer(Optimizer):
         if isinstance(self.optimizer, WrappedOptimizer):
             self.optimizer.load_state_dict(inner)
             return
+        if type(self.optimizer).load_state_dict is Optimizer.load_state_dict and (
+                not isinstance(inner, dict) or "state" not in inner or "param_groups" not in inner):
+            got = sorted(map(str, inner)) if isinstance(inner, dict) else type(inner).__name__
+            raise ValueError(f"not an optimizer state_dict: expected keys 'state' and 'param_groups' "
+                             f"(and {self.state_key!r}), got {got}")
         _check_param_shaped_state(self.optimizer, inner)
         old_state, old_groups = self.optimizer.state, self.optimizer.param_groups
         old_group_items = [dict(g) for g in old_groups]
         try:
             self.optimizer.load_state_dict(inner)
+            # a saved group without a hyperparameter (e.g. 'lr') loads in torch and fails at the next step;
+            # keys added in newer torch versions are filled in by the optimizer's __setstate__ above
+            for i, g in enumerate(self.optimizer.param_groups):
+                missing = sorted(set(self.optimizer.defaults) - set(g))
+                if missing:
+                    raise ValueError(f"param group {i} of the checkpoint lacks {missing}")
         except BaseException:
             self.optimizer.__setstate__({"state": old_state, "param_groups": old_groups})
             for g, items in zip(old_groups, old_group_items):
@@ -185,9 +196,9 @@ class WrappedOptimizer(Optimizer):
         if legacy is not None:
             inner, own = legacy
         else:
-            if "state" not in sd or "param_groups" not in sd:
-                raise ValueError(f"not an optimizer state_dict: expected keys 'state' and 'param_groups' "
-                                 f"(and {self.state_key!r}), got {sorted(map(str, sd))}")
+            # a dict without 'state' / 'param_groups' is refused by the inner load (_load_inner_atomically),
+            # which subclasses run inside their agreement: raising here, on one rank only, would leave the
+            # other ranks waiting in that collective
             own = sd.pop(self.state_key, None)
             inner = sd
         self._load_state_dicts(inner, own)
