@@ -249,7 +249,7 @@ def scenario_partition(opt: str, tmp: str, port: int) -> dict:
     info = parse(text)
     row = dict(opt=opt, fault="node 1 partitioned (all packets dropped)", launcher="1 process per rank, 2 nodes",
                command=f"RANK=r WORLD_SIZE=2 MASTER_ADDR={c.master_addr} ip netns exec {c.tag}-n<r> {PY} {WORKER}; "
-                       f"then `bridge link set dev {c.host_if[1]} state 0`",
+                       f"then bridge link set dev {c.host_if[1]} state 0",
                t_fault=t_fault, ended=ended, hung=hung, deadline=PG_TIMEOUT + MARGIN, info=info, worker_rc=None)
     row["survivor_rc"] = ended.get("rank0", (None,))[0]
     row["other_rc"] = ended.get("rank1", (None,))[0]
@@ -377,9 +377,11 @@ def write_md(path: str, rows: list[dict], slow: list[dict], probe: str, started:
                     cells.append(f"{s['step_ms']:.1f} ms{rel} [{s['median_ms']:.1f}]")
             L.append(f"| {LABEL[opt]} | " + " | ".join(cells) + " |")
         L.append("")
-        L.append("Bytes per step: the model has 84,744 float32 parameters (339 KB). DDP under MKOR all-reduces "
-                 "them every step; CompressedOptimizer all-gathers TopK 5 % per bucket (values + int32 indices, ~34 KB); "
-                 "CO2 all-reduces 339 KB once per round of 4 steps, overlapped with the next round.")
+        n = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 8 + 8
+        L.append(f"Bytes per step: the model has {n:,} float32 parameters ({4 * n / 1e3:.0f} KB). DDP under MKOR "
+                 f"all-reduces them every step; CompressedOptimizer all-gathers TopK 5 % per bucket (values + int32 "
+                 f"indices, ~{0.05 * n * 8 / 1e3:.0f} KB); CO2 all-reduces {4 * n / 1e3:.0f} KB once per round of 4 "
+                 f"steps, overlapped with the next round.")
         L.append("")
     with open(path, "w") as f:
         f.write("\n".join(L))

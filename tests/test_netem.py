@@ -139,6 +139,19 @@ def test_partition_and_heal(netem):
     assert ours(c) == []
 
 
+def test_sigterm_to_a_script_tears_down(netem):
+    script = ("import sys, time; sys.path.insert(0, sys.argv[1])\nfrom experiments.netem import Cluster\n"
+              "with Cluster(2, 1, '1gbit') as c:\n    c.start_ranks(['sleep', '60'])\n"
+              "    print(c.tag, flush=True); time.sleep(60)\n")
+    p = subprocess.Popen([PY, "-c", script, ROOT], stdout=subprocess.PIPE, text=True)
+    tag = p.stdout.readline().strip()
+    assert tag.startswith("cnm")
+    p.terminate()
+    assert p.wait(20) == 128 + 15
+    objs = list_objects()
+    assert [n for n in objs["netns"] + objs["links"] if n.startswith(tag)] == []
+
+
 def test_cli_runs_per_rank_and_returns_first_failure(netem):
     res = subprocess.run([PY, "-m", "experiments.netem", "--nodes", "2", "--ranks-per-node", "2", "--rate", "none",
                           "--grace", "5", "--", "sh", "-c", "echo R$RANK/$WORLD_SIZE L$LOCAL_RANK; exit $((RANK == 2))"],
