@@ -1018,3 +1018,60 @@ def test_compiled_model_matches_eager_without_graph_breaks():
         assert torch.allclose(left, o2.factors()[k][0], rtol=1e-5, atol=1e-6)
         assert torch.allclose(right, o2.factors()[k][1], rtol=1e-5, atol=1e-6)
     dynamo.reset()
+
+
+# -- memory: nothing of an iteration outlives it (soak regression) ----------------------------------
+
+def _live_tensors() -> int:
+    import gc
+    gc.collect()
+    return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_outputs_and_graph_are_freed_after_each_step(bias):
+    """A statistics-collecting forward must not keep its layer outputs (and with them the autograd
+    graph and its saved activations) alive: an output-gradient hook on ``output.grad_fn`` whose
+    closure holds ``output`` is a cycle through autograd's C++ nodes that gc cannot collect, and
+    leaked a whole iteration every update step (RSS +290 MB over 20,000 steps). After step + del,
+    weak references to every layer output and to the input activations are dead, and the number
+    of live tensors does not grow over many steps."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8, bias=bias), nn.Tanh(), nn.Linear(8, 8, bias=bias), nn.ReLU(inplace=True),
+                          nn.Linear(8, 3, bias=bias))
+    opt = MKOR(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), update_every=1)
+    outs = []  # weak references to what every layer returned (after MKOR's hook) in the watched step
+    watch = [False]
+
+    def keep(module, inputs, output):
+        if watch[0]:
+            outs.append(weakref.ref(output))
+            outs.append(weakref.ref(inputs[0]))
+
+    for m in model:
+        m.register_forward_hook(keep)  # after MKOR's: sees the output MKOR hands on
+    g = torch.Generator().manual_seed(1)
+
+    def step(t):
+        x = torch.randn(16, 6, generator=g, requires_grad=(t % 2 == 0))
+        y = torch.randn(16, 3, generator=g)
+        opt.zero_grad()
+        out = model(x)
+        F.mse_loss(out, y).backward()
+        opt.step()
+
+    for t in range(5):
+        step(t)
+    before = _live_tensors()
+    watch[0] = True
+    step(6)
+    watch[0] = False
+    gc.collect()
+    assert len(outs) == 10 and all(r() is None for r in outs), [type(r()) for r in outs]
+    for t in range(40):
+        step(t)
+    assert _live_tensors() <= before
+    assert opt.comm_stats()["updates"] == 46
