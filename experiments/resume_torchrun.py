@@ -135,6 +135,23 @@ def run(kind: str, args, rank: int, world: int, attempt: int, ckpt_dir: Path, ou
     print(f"[rank {rank}] RESULT {json.dumps(result)}", flush=True)
 
 
+def init_process_group(timeout: timedelta) -> None:
+    """gloo from torchrun's (or plain RANK/WORLD_SIZE/MASTER_*) environment. Under torchrun the store keys
+    get a per-attempt prefix: after a restart, ``init_process_group("gloo")`` through env:// read the
+    previous attempt's (dead) peers' addresses from the store here (``Gloo connectFullMesh failed ...
+    Connection refused`` on every restart, torch 2.13, ``--standalone``)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        dist.init_process_group("gloo", timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)
+    dist.init_process_group("gloo", store=dist.PrefixStore(f"resume_torchrun/attempt_{attempt}", store),
+                            rank=rank, world_size=world, timeout=timeout)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--opt", default="compressed",
@@ -158,7 +175,7 @@ def main() -> None:
         p.error(f"--opt: unknown optimizer in {args.opt!r}")
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=timedelta(seconds=args.timeout))  # env://: torchrun or RANK/...
+    init_process_group(timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
     attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     for kind in kinds:
