@@ -125,7 +125,7 @@ def write_md(md: Path, rows: list[dict], details: list[str], args, work: Path) -
                       "`opt.finish()`."]
     lines += ["", "A rank whose newest own file is newer than the step it resumed from was a save ahead of the killed "
                   "rank (CO2's local steps do not wait on the peer until the round end); `latest_checkpoint` picks the "
-                  "newest step common to all ranks.", "", "## Worker output of run B (filtered)", ""] + details
+                  "newest step common to all ranks.", "", "Under torchrun the script prefixes the process group's store keys per attempt (`TORCHELASTIC_RESTART_COUNT`): without it, every restart here failed in `init_process_group(\"gloo\")` with `Gloo connectFullMesh failed ... Connection refused` (the new workers read the dead attempt's peer addresses; torch 2.13, `--standalone`).", "", "## Worker output of run B (filtered)", ""] + details
     lines += ["", f"Logs of this run: `{work}` (not kept)."]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(lines) + "\n")
