@@ -19,8 +19,10 @@ from __future__ import annotations
 import datetime
 import math
 import os
+import signal
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -230,9 +232,17 @@ def _print_table(rows: list[dict[str, Any]], steps: int, world_size: int) -> Non
     )
 
 
-def _worker(rank: int, world_size: int, port: int, steps: int) -> None:
-    """Body of one spawned rank."""
+def _worker(rank: int, world_size: int, port: int, steps: int, progress_dir: str) -> None:
+    """Body of one spawned rank. It records the setting it is in under ``progress_dir`` (read by the
+    parent if this rank dies without a Python exception, e.g. killed by a signal)."""
     torch.set_num_threads(1)
+    where = os.path.join(progress_dir, f"rank{rank}")
+
+    def at(what: str) -> None:
+        with open(where, "w") as f:
+            f.write(what)
+
+    at("initialising the process group")
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -251,13 +261,21 @@ def _worker(rank: int, world_size: int, port: int, steps: int) -> None:
         rows = []
         for setting in SETTINGS:
             _say(rank, f"- {setting.name}")
-            rows.append(_run_setting(setting, task, steps, rank))
+            at(f"setting {setting.name!r}")
+            try:
+                rows.append(_run_setting(setting, task, steps, rank))
+            except Exception as exc:
+                raise RuntimeError(f"setting {setting.name!r} failed on rank {rank}: {type(exc).__name__}: "
+                                   f"{exc}") from exc
             _say(rank, f"  collective: {rows[-1]['collective']}")
+        at("printing the table")
         if rank == 0:
             _print_table(rows, steps, world_size)
         dist.barrier()
+        at("tearing down the process group")
     finally:
         dist.destroy_process_group()
+    at("done")
 
 
 def _free_port() -> int:
@@ -285,15 +303,26 @@ def run_demo(ranks: int = 2, steps: int | None = None, quick: bool = False) -> i
         return 1
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     t0 = time.perf_counter()
-    try:
-        mp.start_processes(
-            _worker, args=(ranks, _free_port(), steps), nprocs=ranks, join=True, start_method="spawn"
-        )
-    except mp.ProcessRaisedException as exc:
-        print(f"demo: rank {exc.error_index} failed:\n{exc}", file=sys.stderr, flush=True)
-        return 1
-    except mp.ProcessExitedException as exc:
-        print(f"demo: rank {exc.error_index} exited with code {exc.exit_code}", file=sys.stderr, flush=True)
-        return 1
+    with tempfile.TemporaryDirectory(prefix="commopt-demo-") as progress_dir:
+        def last_setting(rank: int) -> str:
+            try:
+                with open(os.path.join(progress_dir, f"rank{rank}")) as f:
+                    return f.read()
+            except OSError:
+                return "starting"
+
+        try:
+            mp.start_processes(_worker, args=(ranks, _free_port(), steps, progress_dir), nprocs=ranks, join=True,
+                               start_method="spawn")
+        except mp.ProcessRaisedException as exc:
+            print(f"demo: rank {exc.error_index} failed ({last_setting(exc.error_index)}):\n{exc}", file=sys.stderr,
+                  flush=True)
+            return 1
+        except mp.ProcessExitedException as exc:
+            code = exc.exit_code
+            how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+            print(f"demo: rank {exc.error_index} {how} ({last_setting(exc.error_index)}); the other ranks were "
+                  f"stopped", file=sys.stderr, flush=True)
+            return 1
     print(f"demo finished in {time.perf_counter() - t0:.1f} s", flush=True)
     return 0

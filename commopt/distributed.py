@@ -430,6 +430,12 @@ def init_distributed(
       ``127.0.0.1`` : ``master_port`` (set MASTER_ADDR yourself for multi-node);
     * single process: ``127.0.0.1`` and a free port.
 
+    ``timeout`` (default 10 minutes) bounds every collective of the default group: when a peer dies or
+    its link partitions, the survivors' pending collective fails after at most ``timeout`` and commopt
+    raises it from ``backward()`` / ``step()`` as an error naming the collective (a killed peer whose
+    sockets close is usually noticed at once). Choose it above your longest legitimate wait (a slow
+    checkpoint on one rank, a first ``torch.compile``); tests use a few seconds.
+
     ``backend=None`` picks ``"nccl"`` when CUDA is available, else ``"gloo"``.
     With CUDA the current device becomes ``cuda:(local_rank % device_count)``
     (so one-GPU-per-task bindings also work).  If the process group is already

@@ -17,7 +17,9 @@ messages are taken in rank order, so every rank gets bitwise the same result.
 
 from __future__ import annotations
 
-from typing import Optional
+import functools
+import re
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -26,9 +28,46 @@ from torch.futures import Future
 
 from .round import hold_on_current_stream
 
-__all__ = ["Exchange", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
+__all__ = ["CollectiveError", "Deferred", "Exchange", "unwrapped", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+_CALLBACK_PREFIX = "Got the following error when running the callback: "
+_EXC_NAME = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class CollectiveError(RuntimeError):
+    """A collective of commopt's exchange failed (a dead or unreachable peer, a timeout, an aborted
+    group). The message names the collective and this rank, then gives the backend's own error."""
+
+
+def root_cause(exc: BaseException) -> str:
+    """The message of ``exc`` without the prefixes torch adds at every ``.then()`` level it crossed
+    (``Got the following error when running the callback: RuntimeError: ...``) nor their ``At:`` trailers."""
+    msg = str(exc).strip()
+    while msg.startswith(_CALLBACK_PREFIX):
+        msg = _EXC_NAME.sub("", msg[len(_CALLBACK_PREFIX):], count=1).strip()
+    return msg.split("\n\nAt:\n")[0].strip()
+
+
+def unwrapped(fn: _F) -> _F:
+    """Decorate a future callback so that an error it re-raises from an earlier future reaches the next
+    level as one :class:`CollectiveError` with the original message, not wrapped once more per level."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except CollectiveError:
+            raise
+        except Exception as exc:
+            if _CALLBACK_PREFIX in str(exc):
+                raise CollectiveError(root_cause(exc)) from None
+            raise
+
+    return call  # type: ignore[return-value]
 
 
 def ring_allreduce_bytes(numel: int, itemsize: int, n: int) -> float:
@@ -84,44 +123,64 @@ class Exchange:
 
         ``out`` (optional, [d] of ``out_dtype``): where the dense sum is written, e.g. the DDP bucket
         itself, once the caller no longer needs its contents; it saves one bucket-sized buffer."""
-        if out is not None and (out.dtype != out_dtype or out.numel() != d):
-            out = None
-        if kind == "gather":
-            return self.gather(idx, vals, d, out_dtype, out)
-        if kind == "shared":
-            return self.shared(idx, vals, d, out_dtype, out)
-        if kind == "dense":
-            if out is not None and out.dtype == vals.dtype:
-                return self.dense(out.zero_().index_put_((idx,), vals))
-            return self.dense(torch.zeros(d, dtype=vals.dtype, device=vals.device).index_put_((idx,), vals))
-        raise ValueError(f"unknown exchange {kind!r}")
+        return _chained(*self._launch(kind, idx, vals, d, out_dtype, out), self._what(kind, vals, d))
 
     def dense(self, x: Tensor) -> Future:
         """All-reduce (sum) of x in place; the future holds x."""
+        return _chained(*self._dense(x), self._what("dense", x, x.numel()))
+
+    def _what(self, kind: str, vals: Tensor, d: int) -> str:
+        """How a failure of this exchange is described: the collective, the message, this rank."""
+        collective = "all_gather_into_tensor" if kind == "gather" else "all_reduce"
+        return (f"commopt: the {collective} of a {kind} exchange ({vals.numel()} of {d} values, "
+                f"{vals.dtype}) failed on rank {dist.get_rank(self.group)} of {self.n}")
+
+    def start(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+              out: Optional[Tensor] = None) -> "Deferred":
+        """:meth:`send` whose sum is formed by the thread that waits for it (``Deferred.wait``), not by a
+        callback on the backend's thread. For exchanges waited on outside DDP (CO2's outer round): one
+        still in flight when the process group is destroyed or the process exits is simply abandoned,
+        whereas a pending ``.then()`` callback would run on a gloo thread during interpreter shutdown and
+        abort the process (``terminate called without an active exception``)."""
+        work, finish = self._launch(kind, idx, vals, d, out_dtype, out)
+        return Deferred(work, finish, self._what(kind, vals, d))
+
+    def _launch(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+                out: Optional[Tensor]) -> "tuple[dist.Work, Callable[[], Tensor]]":
+        """Launch the collective of ``kind``; returns its work and the function that, once the work has
+        completed, forms the dense sum."""
+        if out is not None and (out.dtype != out_dtype or out.numel() != d):
+            out = None
+        if kind == "gather":
+            return self._gather(idx, vals, d, out_dtype, out)
+        if kind == "shared":
+            return self._shared(idx, vals, d, out_dtype, out)
+        if kind == "dense":
+            if out is not None and out.dtype == vals.dtype:
+                return self._dense(out.zero_().index_put_((idx,), vals))
+            return self._dense(torch.zeros(d, dtype=vals.dtype, device=vals.device).index_put_((idx,), vals))
+        raise ValueError(f"unknown exchange {kind!r}")
+
+    def _dense(self, x: Tensor) -> "tuple[dist.Work, Callable[[], Tensor]]":
+        """All-reduce (sum) of x in place; the result is x."""
         work = dist.all_reduce(x, group=self.group, async_op=True)
+        return work, lambda: x
 
-        def result(f: Future) -> Tensor:
-            f.value()  # re-raises a failed all-reduce
-            return x
-
-        return work.get_future().then(result)
-
-    def shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
-               out: Optional[Tensor] = None) -> Future:
+    def _shared(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+                out: Optional[Tensor] = None) -> "tuple[dist.Work, Callable[[], Tensor]]":
         """All-reduce of values at indices that are the same on every rank; dense sum."""
         buf = vals.contiguous().clone()
         work = dist.all_reduce(buf, group=self.group, async_op=True)
 
-        def densify(f: Future) -> Tensor:
-            f.value()  # re-raises a failed all-reduce
+        def densify() -> Tensor:
             hold_on_current_stream([idx, buf])
             dense = torch.zeros(d, dtype=out_dtype, device=buf.device) if out is None else out.zero_()
             return dense.index_put_((idx,), buf.to(out_dtype))
 
-        return work.get_future().then(densify)
+        return work, densify
 
-    def gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
-               out: Optional[Tensor] = None) -> Future:
+    def _gather(self, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
+                out: Optional[Tensor] = None) -> "tuple[dist.Work, Callable[[], Tensor]]":
         """All-gather of fixed-size (values, indices) in one buffer; ordered sum over ranks."""
         k = vals.numel()
         idt = index_dtype(vals.dtype)
@@ -131,15 +190,14 @@ class Exchange:
         recv = torch.empty(self.n * width, dtype=send.dtype, device=send.device)
         work = _all_gather_single(recv, send, group=self.group, async_op=True)
 
-        def summed(f: Future) -> Tensor:
-            f.value()  # re-raises a failed all-gather
+        def summed() -> Tensor:
             hold_on_current_stream([recv, send])
             rows = recv.view(self.n, width)
             # clone: a fresh storage offset for the index view
             msgs = [(rows[r, k:].clone().view(idt), rows[r, :k]) for r in range(self.n)]
             return ordered_sum(msgs, d, out_dtype, recv.device, out)
 
-        return work.get_future().then(summed)
+        return work, summed
 
     def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype) -> float:
         """Bytes this rank receives for one message of the given kind (SPEC §3 formulas)."""
@@ -152,3 +210,34 @@ class Exchange:
             s_idx = index_dtype(value_dtype).itemsize
             return allgather_bytes(k, s + s_idx, self.n)
         raise ValueError(f"unknown exchange {kind!r}")
+
+
+def _chained(work: "dist.Work", finish: "Callable[[], Tensor]", what: str) -> Future:
+    """A future of ``finish()`` run once ``work`` completes; a failed collective raises a
+    :class:`CollectiveError` (``what``: the backend's error) in it."""
+
+    def result(f: Future) -> Tensor:
+        try:
+            f.value()
+        except Exception as exc:
+            raise CollectiveError(f"{what}: {root_cause(exc)}") from None
+        return finish()
+
+    return work.get_future().then(result)
+
+
+class Deferred:
+    """A launched exchange whose dense sum is formed in the thread that calls :meth:`wait`
+    (see :meth:`Exchange.start`)."""
+
+    def __init__(self, work: "dist.Work", finish: "Callable[[], Tensor]", what: str) -> None:
+        self._work, self._finish, self._what = work, finish, what
+
+    def wait(self) -> Tensor:
+        """Block until the collective completes, then return Σ_ranks, dense; a failed collective raises
+        :class:`CollectiveError`."""
+        try:
+            self._work.wait()
+        except Exception as exc:
+            raise CollectiveError(f"{self._what}: {root_cause(exc)}") from exc
+        return self._finish()

@@ -25,8 +25,11 @@ block's average was finite on every rank.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import sys
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
@@ -37,13 +40,26 @@ from torch.futures import Future
 
 from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
-from .exchange import Exchange, choose_exchange
+from .exchange import Exchange, choose_exchange, unwrapped
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start, finite, hold_on_current_stream, unscaled, write_estimate
 
 __all__ = ["CompressionState", "compression_hook"]
 
 STATE_VERSION = 1
+
+# every CompressionState alive in this process (weakly), drained at exit: see CompressionState.abandon_in_flight
+_LIVE: "weakref.WeakSet[CompressionState]" = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _drain_at_exit() -> None:
+    """atexit: settle the exchanges an unwound backward left in flight, while the interpreter still runs."""
+    for state in list(_LIVE):
+        try:
+            state.abandon_in_flight()
+        except Exception:  # noqa: BLE001 - never fail at exit
+            pass
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -161,6 +177,31 @@ class CompressionState:
             for p in model.parameters():  # type: ignore[union-attr]
                 if p.requires_grad:
                     self._used_handles.append(p.register_hook(self._marker(self._param_ids[id(p)])))
+        _LIVE.add(self)
+        if not _EXIT_HOOK:
+            atexit.register(_drain_at_exit)
+            _EXIT_HOOK.append(True)
+
+    def abandon_in_flight(self) -> int:
+        """Wait for the buckets of an unfinished step to settle, discard them and leave the state as it
+        was; returns how many there were (one warning when any).
+
+        They exist only when backward did not reach its last bucket (an exception unwound it). Their
+        callbacks are Python code run by the backend's threads: left pending at interpreter shutdown they
+        abort the process (``terminate called without an active exception``), so this runs at exit. It
+        blocks until each collective completes or fails (at the latest the process group's timeout)."""
+        futures, self._step_futures = self._step_futures, []
+        if not futures:
+            return 0
+        warnings.warn(
+            f"commopt: rank {self.rank} discards {len(futures)} bucket exchange(s) of step {self.step} that "
+            f"were still in flight (backward did not finish, e.g. an exception unwound it); the compression "
+            f"state is left as it was before that step", RuntimeWarning, stacklevel=2)
+        for f in futures:
+            _settled(f)
+        self._pending.clear()
+        self._failed_steps.add(self.step)
+        return len(futures)
 
     def _marker(self, pid: int):
         used = self._used
@@ -335,6 +376,7 @@ class CompressionState:
         self._count("dense", self.exchange.message_bytes("dense", blk.d, blk.d, g_in.dtype), blk.d, g_in.dtype)
         self.stats["dense_rounds"] += 1
 
+        @unwrapped
         def finish(fut: Future) -> Tensor:
             total = fut.value()  # re-raises a failed all-reduce
             hold_on_current_stream([g])
@@ -360,6 +402,7 @@ class CompressionState:
                     blk.d, g_in.dtype)
         self.stats["compressed_rounds"] += 1
 
+        @unwrapped
         def finish(f: Future) -> Tensor:
             total = f.value()  # the exchange's own result tensor; re-raises a failed collective
             hold_on_current_stream(out.tensors())
@@ -651,8 +694,14 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
             futures.append(state.compressed_round(blk, g, state.used_mask(blk, buf.device)))
 
     if len(plan.parts) == 1 and plan.parts[0][1] is None:
-        fut = futures[0] if buf.is_cuda else futures[0].then(lambda f: (f.value(), buf)[1])  # value(): re-raise
+        @unwrapped
+        def whole(f: Future) -> Tensor:
+            f.value()  # re-raises a failed exchange
+            return buf
+
+        fut = futures[0] if buf.is_cuda else futures[0].then(whole)
     else:
+        @unwrapped
         def assemble() -> Tensor:
             for (blk, pos, off), f in zip(plan.parts, futures):
                 est = f.wait()  # wait(), not value(): orders this stream after the part's kernels
@@ -669,6 +718,7 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
         if state._used is not None:
             state._used.clear()  # the next synchronised step starts a new record
 
+        @unwrapped
         def commit() -> Tensor:
             try:
                 for f in step_futures:

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .compressors import Compressor, Identity, make_compressor
-from .exchange import Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes
+from .exchange import CollectiveError, Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes, root_cause
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start
 
@@ -308,7 +308,7 @@ class OuterExchange:
         out = compress(self.compressor, fb, self.slots, g, self._k, round_index, 0, wire_dtype=self.wire_dtype)
         self.stats["compressed_rounds"] += 1
         # one process: the sum over one rank is the message itself
-        fut = (self._exchange.send(self.kind, out.idx, out.vals, self.numel, self.state_dtype)
+        fut = (self._exchange.start(self.kind, out.idx, out.vals, self.numel, self.state_dtype)
                if self._exchange is not None else None)
         nbytes = (self._exchange.message_bytes(self.kind, self._k, self.numel, self.wire_dtype)
                   if self._exchange is not None else 0.0)
@@ -355,10 +355,16 @@ class OuterExchange:
         assert pending is not None
         value: Optional[Tensor] = None
         if work is not None:
-            if pending["kind"] == "compressed":   # a torch Future of the summed message
+            if pending["kind"] == "compressed":   # an exchange.Deferred of the summed message (CollectiveError)
                 value = work.wait()
             else:                                 # a c10d Work: the all-reduce is in place
-                work.wait()
+                try:
+                    work.wait()
+                except Exception as exc:
+                    rank = dist.get_rank(self.group)
+                    raise CollectiveError(
+                        f"commopt: the outer all_reduce ({pending['kind']} round, {self.numel} values, "
+                        f"{self.buffer.dtype}) failed on rank {rank} of {self.n}: {root_cause(exc)}") from exc
         if self.link_delay > 0.0:  # the slow link: the result exists link_delay seconds after the launch
             remaining = self.link_delay - (time.perf_counter() - self._launched_at)
             if remaining > 0.0:

@@ -61,23 +61,34 @@ def _in_dcp_init_step() -> bool:
 # every CO2 alive in this process (weak: registering does not keep an optimizer alive), checked at exit
 _LIVE: "weakref.WeakSet[CO2]" = weakref.WeakSet()
 _EXIT_HOOK: list[bool] = []
+_WARNED: list[bool] = []   # the unfinished-run warning was given (once per process)
 
 
-def _warn_unfinished_at_exit() -> None:
-    """atexit: one warning if any live CO2 ends the process with the ranks' models differing."""
+def _warn_unfinished(candidates: "list[CO2]") -> None:
+    """One warning per process if any of ``candidates`` ends (at exit, or garbage-collected) with the ranks'
+    models differing: the work of its last round is discarded."""
+    if _WARNED:
+        return
     try:
-        unfinished = [o for o in list(_LIVE) if o._unfinished()]
+        unfinished = [o for o in candidates if o._unfinished()]
         if not unfinished:
             return
         what = "; ".join(f"rank {o.rank}: {o._unfinished_reason()}" for o in unfinished[:3]) + \
             (" ..." if len(unfinished) > 3 else "")
     except Exception:   # never fail at exit (e.g. a half-torn-down optimizer)
         return
+    _WARNED.append(True)
     warnings.warn(
-        f"commopt.CO2: the process exits without opt.finish() while the ranks' models differ ({what}). "
+        f"commopt.CO2: training exits without opt.finish() (the process ends, or the optimizer was dropped) "
+        f"while the ranks' models differ ({what}). "
         f"The model this rank holds is its own local replica, not the consensus, and the last round's "
         f"progress was never applied: call opt.finish() on every rank at the end of training (before "
         f"saving the final model and before destroy_process_group()).", RuntimeWarning, stacklevel=1)
+
+
+def _warn_unfinished_at_exit() -> None:
+    """atexit: one warning if any live CO2 ends the process with the ranks' models differing."""
+    _warn_unfinished(list(_LIVE))
 
 
 def _register_for_exit_check(opt: "CO2") -> None:
@@ -618,6 +629,13 @@ class CO2(WrappedOptimizer):
         if self.world_size <= 1:
             return False
         return self._pos != 0 or (self._s is not None and self.exchange.pending)
+
+    def __del__(self) -> None:
+        # an optimizer dropped before exit (a main() that returned without finish()) warns here, once
+        try:
+            _warn_unfinished([self])
+        except Exception:  # noqa: BLE001 - never raise from a finaliser
+            pass
 
     def _unfinished(self) -> bool:
         """True while the run is not at a consensus point: mid-round, or an all-reduce not yet applied."""
