@@ -20,7 +20,6 @@ import datetime
 import math
 import os
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -232,8 +231,9 @@ def _print_table(rows: list[dict[str, Any]], steps: int, world_size: int) -> Non
     )
 
 
-def _worker(rank: int, world_size: int, port: int, steps: int, progress_dir: str) -> None:
-    """Body of one spawned rank. It records the setting it is in under ``progress_dir`` (read by the
+def _worker(rank: int, world_size: int, steps: int, progress_dir: str) -> None:
+    """Body of one spawned rank. The ranks meet through a file store in ``progress_dir`` (no port to pick,
+    so none another process can take first), and each records there the setting it is in (read by the
     parent if this rank dies without a Python exception, e.g. killed by a signal)."""
     torch.set_num_threads(1)
     where = os.path.join(progress_dir, f"rank{rank}")
@@ -245,7 +245,7 @@ def _worker(rank: int, world_size: int, port: int, steps: int, progress_dir: str
     at("initialising the process group")
     dist.init_process_group(
         "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method="file://" + os.path.join(progress_dir, "store"),
         rank=rank,
         world_size=world_size,
         timeout=datetime.timedelta(seconds=120),
@@ -278,12 +278,6 @@ def _worker(rank: int, world_size: int, port: int, steps: int, progress_dir: str
     at("done")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run_demo(ranks: int = 2, steps: int | None = None, quick: bool = False) -> int:
     """Run the demo; returns a process exit code (0 on success, 1 if a rank failed)."""
     if ranks < 1:
@@ -312,7 +306,7 @@ def run_demo(ranks: int = 2, steps: int | None = None, quick: bool = False) -> i
                 return "starting"
 
         try:
-            mp.start_processes(_worker, args=(ranks, _free_port(), steps, progress_dir), nprocs=ranks, join=True,
+            mp.start_processes(_worker, args=(ranks, steps, progress_dir), nprocs=ranks, join=True,
                                start_method="spawn")
         except mp.ProcessRaisedException as exc:
             print(f"demo: rank {exc.error_index} failed ({last_setting(exc.error_index)}):\n{exc}", file=sys.stderr,
