@@ -793,6 +793,56 @@ def test_load_without_mkor_part_warns_loads_the_base_and_restarts_the_factors():
     assert opt2.state_dict()["mkor"]["steps"] == 2
 
 
+def test_load_without_mkor_part_warns_at_the_callers_line():
+    model, opt = _make_net()
+    _train(model, opt, 2)
+    with pytest.warns(UserWarning, match="no 'mkor' entry") as rec:
+        opt.load_state_dict(opt.optimizer.state_dict())
+    assert [w.filename for w in rec] == [__file__]
+
+
+def test_failed_statistics_all_reduce_names_itself_and_changes_nothing(monkeypatch):
+    """A failed statistics all-reduce (here a gloo timeout, faked at world size 2) raises
+    CollectiveError naming MKOR's collective, its size, the step and this rank, chained from the
+    backend's error; parameters, factors, counters and the MKOR-H loss window are as before, so the
+    step can be repeated and then gives what a step that never failed gives."""
+    from commopt.exchange import CollectiveError
+
+    def run(fail: bool):
+        model, opt = _make_net(hybrid=True, update_every=1)
+        _train(model, opt, 3, hybrid=True)
+        x, y = _batch(3)
+        opt.zero_grad()
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if fail:
+            before = (_snapshot(model, opt), opt.state_dict()["mkor"])
+            with monkeypatch.context() as mp:
+                mp.setattr(opt, "world_size", 2)
+                backend = "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Timed out waiting 20000ms for recv"
+
+                def dead(*args, **kwargs):
+                    raise RuntimeError(backend)
+
+                mp.setattr(torch.distributed, "all_reduce", dead)
+                with pytest.raises(CollectiveError) as info:
+                    opt.step(loss=loss)
+            msg = str(info.value)
+            assert msg == (f"commopt: MKOR's statistics all_reduce ({opt.statistics_size()} values, float64, step 3) "
+                           f"failed on rank 0 of 2: {backend}"), msg
+            assert isinstance(info.value.__cause__, RuntimeError)
+            after = (_snapshot(model, opt), opt.state_dict()["mkor"])
+            assert _same(before[0], after[0])
+            assert before[1]["steps"] == after[1]["steps"] == 3 and before[1]["comm"] == after[1]["comm"]
+            assert before[1]["hybrid"]["loss_sum"] is None and before[1]["hybrid"] == after[1]["hybrid"]  # window
+        opt.step(loss=loss)   # (again)
+        return _snapshot(model, opt), opt.state_dict()["mkor"]
+
+    (ref, ref_mk), (got, got_mk) = run(False), run(True)
+    assert _same(ref, got) and ref_mk["steps"] == got_mk["steps"] == 4
+    assert ref_mk["hybrid"]["knee"] == got_mk["hybrid"]["knee"]
+
+
 def _dcp():
     return pytest.importorskip("torch.distributed.checkpoint.state_dict")
 

@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from ..consistency import build_consistently, refuse_together
+from ..consistency import build_consistently
+from ..exchange import CollectiveError, root_cause
 from ..precond import layers as L
 from ..precond.rank1 import RULES, compute_dtype, precondition, update_factor
 from .wrapper import WrappedOptimizer
@@ -425,9 +426,16 @@ class MKOR(WrappedOptimizer):
         return torch.cat(parts)
 
     def _average(self, buf: Tensor) -> Tensor:
-        """Algorithm 1 line 4: one all-reduce for all layers, averaged exactly once."""
+        """Algorithm 1 line 4: one all-reduce for all layers, averaged exactly once. A failed all-reduce
+        raises :class:`commopt.exchange.CollectiveError` naming it, this rank and the backend's error."""
         if self.world_size > 1:
-            dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+            try:
+                dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.process_group)
+            except Exception as exc:  # a dead or unreachable peer, a timeout, an aborted group
+                raise CollectiveError(
+                    f"commopt: MKOR's statistics all_reduce ({buf.numel()} values, "
+                    f"{str(buf.dtype).replace('torch.', '')}, step {self._steps}) failed on rank {self.rank} of "
+                    f"{self.world_size}: {root_cause(exc)}") from exc
             buf.div_(self.world_size)
             self._comm["allreduce_calls"] += 1
             self._comm["values"] += buf.numel()
@@ -507,11 +515,17 @@ class MKOR(WrappedOptimizer):
         elif self._is_state_init_step():
             self.optimizer.step()
             return None
+        window = (self._loss_sum, self._loss_count, self._loss_t)
         if self.hybrid and not self.switched:
             self._observe_loss(loss)
         if not self.switched:
             if self._steps % self.update_every == 0:
-                self._update_factors()
+                try:
+                    self._update_factors()  # its first act is the statistics all-reduce
+                except BaseException:
+                    # e.g. the all-reduce failed: nothing is applied, the step can be repeated
+                    self._loss_sum, self._loss_count, self._loss_t = window
+                    raise
             if not self.switched:
                 self._precondition()
         self.optimizer.step()
@@ -629,9 +643,17 @@ class MKOR(WrappedOptimizer):
     def load_state_dict(self, state_dict: dict) -> None:  # type: ignore[override]
         """Restore :meth:`state_dict` (or the older ``{"optimizer", "mkor"}`` layout); the layers and
         the rule must match (other settings may change). Atomic: MKOR's part is checked first and
-        the base optimizer keeps its old state if its own load fails. Over a commopt base
-        (``CompressedOptimizer``), whose load is a collective, the ranks first agree on MKOR's part
-        (one ``all_gather_object``): refused on one rank, it raises on every rank.
+        the base optimizer keeps its old state if its own load fails.
+
+        At world size > 1 it is a collective (**call it on every rank**): the ranks agree in one
+        ``all_gather_object`` on MKOR's part, on the base optimizer's load (a plain base is loaded,
+        and put back if any rank refuses; a commopt base such as ``CompressedOptimizer`` loads
+        collectively after the agreement) and on the MKOR step each rank resumes at. A refusal on any
+        rank (a damaged or missing entry, a wrong shape, a base optimizer refusing its part, ranks at
+        different MKOR steps) raises the same ``ValueError`` on every rank, naming the rank(s), with
+        nothing changed on any rank. Inside an outer commopt optimizer's load
+        (``CompressedOptimizer(ddp, MKOR(...))``), which agrees across ranks itself, it runs no
+        collective of its own.
 
         A checkpoint without ``"mkor"`` (a plain optimizer's, or one that went through
         ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``, which keeps only
@@ -650,29 +672,87 @@ class MKOR(WrappedOptimizer):
         return {k: v for k, v in sd.items() if k != self.state_key}, sd[self.state_key]
 
     def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
-        if own is None:
-            self._load_inner_atomically(inner)
-            self._reset_preconditioner()
-            warnings.warn(
-                "MKOR.load_state_dict: the checkpoint has no 'mkor' entry (a plain optimizer's state_dict, or one "
-                "from torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
-                "'param_groups'): loaded the base optimizer; MKOR's factors restart from identity, its step count "
-                "from 0 and MKOR-H is not switched. Save opt.preconditioner_state_dict() beside such a checkpoint "
-                "and restore it with opt.load_preconditioner_state_dict() to keep them.", stacklevel=4)
+        if self.world_size > 1 and not self._loaded_by_outer():
+            self._load_agreed(inner, own)
             return
-        if self.world_size > 1 and isinstance(self.optimizer, WrappedOptimizer):
-            # a commopt base (CompressedOptimizer, CO2) loads collectively: a rank that refuses MKOR's part
-            # must not leave the others waiting in it, so the ranks agree on MKOR's verdict first
-            apply, err = None, None
-            try:
-                apply = self._prepare_own(own)
-            except Exception as exc:  # noqa: BLE001 - reported to every rank by refuse_together
-                err = f"{type(exc).__name__}: {exc}"
-            refuse_together(err, self.process_group, "MKOR.load_state_dict (MKOR's part)")
-        else:
-            apply = self._prepare_own(own)
+        # one rank, or inside an outer commopt optimizer's load (CompressedOptimizer(ddp, MKOR(...))), which
+        # agrees across ranks itself and calls this one only on the ranks that accepted their own part
+        apply = None if own is None else self._prepare_own(own)
         self._load_inner_atomically(inner)
-        apply()
+        self._apply_own(apply, stacklevel=5)
+
+    def _apply_own(self, apply: Optional[Callable[[], None]], stacklevel: int) -> None:
+        """Apply a checked MKOR part, or (None: the checkpoint had none) restart MKOR's state and warn."""
+        if apply is not None:
+            apply()
+            return
+        self._reset_preconditioner()
+        warnings.warn(
+            "MKOR.load_state_dict: the checkpoint has no 'mkor' entry (a plain optimizer's state_dict, or one "
+            "from torch.distributed.checkpoint's get_optimizer_state_dict, which keeps only 'state' and "
+            "'param_groups'): loaded the base optimizer; MKOR's factors restart from identity, its step count "
+            "from 0 and MKOR-H is not switched. Save opt.preconditioner_state_dict() beside such a checkpoint "
+            "and restore it with opt.load_preconditioner_state_dict() to keep them.", stacklevel=stacklevel)
+
+    def _load_agreed(self, inner: dict, own: Optional[dict]) -> None:
+        """MKOR outermost at world size > 1: every rank loads, or every rank raises the same ``ValueError``
+        naming the refusing rank(s) with nothing changed on any rank.
+
+        Each rank checks MKOR's part and (over a plain base optimizer) loads the base atomically; one
+        ``all_gather_object`` of the verdicts and of the schedule each rank would resume at (MKOR step,
+        MKOR-H switched: what decides when a rank joins the statistics all-reduce) then decides for all.
+        A refusal anywhere puts every rank's base optimizer back. A commopt base (CompressedOptimizer)
+        loads collectively and atomically on every rank itself, so it is loaded after the agreement."""
+        err: Optional[str] = None
+        cause: Optional[BaseException] = None
+        apply: Optional[Callable[[], None]] = None
+        schedule: tuple = (0, False)  # no 'mkor' entry: MKOR restarts at step 0
+        try:
+            if own is not None:
+                apply, schedule = self._check_own(own)
+        except Exception as exc:  # noqa: BLE001 - reported to every rank below
+            err, cause = f"MKOR's part: {type(exc).__name__}: {exc}", exc
+        base = self.optimizer
+        collective_base = isinstance(base, WrappedOptimizer)
+        restore: Optional[Callable[[], None]] = None
+        if err is None and not collective_base:
+            old_state, old_groups = base.state, base.param_groups  # a load replaces these, never mutates them
+            old_items = [dict(g) for g in old_groups]
+            try:
+                self._load_inner_atomically(inner)
+            except Exception as exc:  # noqa: BLE001 - reported to every rank below
+                err, cause = f"the base {type(base).__name__} refused its part ({type(exc).__name__}: {exc})", exc
+            else:
+                def restore() -> None:
+                    base.__setstate__({"state": old_state, "param_groups": old_groups})
+                    for g, items in zip(old_groups, old_items):
+                        g.clear()
+                        g.update(items)
+        try:
+            self._agree_on_load(err, schedule, cause)
+        except BaseException:
+            if restore is not None:
+                restore()
+            raise
+        # -- every rank accepted --
+        if collective_base:
+            self._load_inner_atomically(inner)  # raises on every rank, each as it was, if any rank refuses
+        self._apply_own(apply, stacklevel=6)
+
+    def _agree_on_load(self, err: Optional[str], schedule: tuple, cause: Optional[BaseException]) -> None:
+        what = "MKOR.load_state_dict"
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, {"error": err, "schedule": tuple(schedule)}, group=self.process_group)
+        bad = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
+        if bad:
+            raise ValueError(f"{what} refused on rank(s) {[r for r, _ in bad]}; nothing was changed on any rank:\n  "
+                             + "\n  ".join(f"rank {r}: {e}" for r, e in bad)) from cause
+        schedules = [p["schedule"] for p in gathered]
+        if any(sc != schedules[0] for sc in schedules[1:]):
+            raise ValueError(
+                f"{what} refused: the ranks' checkpoints put MKOR at different points of its schedule (their "
+                f"statistics all-reduces would no longer line up); nothing was changed on any rank:\n  "
+                + "\n  ".join(f"rank {r}: MKOR step {st}, MKOR-H switched {sw}" for r, (st, sw) in enumerate(schedules)))
 
     def preconditioner_state_dict(self) -> dict:
         """MKOR's own part of :meth:`state_dict` (factors, counters, MKOR-H switch) alone: what a
@@ -687,6 +767,10 @@ class MKOR(WrappedOptimizer):
     def _prepare_own(self, mk: Any) -> Callable[[], None]:
         """Check MKOR's part of a checkpoint completely and return the function that applies it
         (which cannot fail any more)."""
+        return self._check_own(mk)[0]
+
+    def _check_own(self, mk: Any) -> tuple[Callable[[], None], tuple[int, bool]]:
+        """:meth:`_prepare_own`'s function, and the (MKOR step, MKOR-H switched) the checkpoint resumes at."""
         def bad(msg: str) -> ValueError:
             return ValueError(f"not a valid MKOR checkpoint: {msg}")
 
@@ -745,7 +829,7 @@ class MKOR(WrappedOptimizer):
             self._clear_statistics()
             self._collecting = not self.switched and self._steps % self.update_every == 0
 
-        return apply
+        return apply, (steps, switched)
 
     def _reset_preconditioner(self) -> None:
         """MKOR's state as freshly built: identity factors, step 0, MKOR-H not switched (the

@@ -16,6 +16,7 @@ only then is the wrapper's part applied.
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
@@ -23,6 +24,9 @@ import torch
 from torch.optim import Optimizer
 
 __all__ = ["WrappedOptimizer"]
+
+#: ``depth``: how many commopt ``load_state_dict`` calls this thread is inside (see :meth:`WrappedOptimizer._loaded_by_outer`)
+_LOADING = threading.local()
 
 
 #: per-parameter state of torch.optim's built-in optimizers that has the parameter's shape
@@ -165,6 +169,13 @@ class WrappedOptimizer(Optimizer):
                 self.optimizer.__setstate__({"state": old[0], "param_groups": old[1]})
             raise
 
+    @staticmethod
+    def _loaded_by_outer() -> bool:
+        """True in :meth:`_load_state_dicts` when another commopt optimizer's ``load_state_dict`` called this
+        one's (e.g. ``CompressedOptimizer(ddp, MKOR(...))``): the outer one agrees across ranks and may call
+        this load on some ranks only, so this one must not run a collective of its own."""
+        return getattr(_LOADING, "depth", 0) > 1
+
     def state_dict(self) -> dict:  # type: ignore[override]
         """torch.optim's ``{"state", "param_groups"}`` of the inner optimizer plus the wrapper's own state
         under :attr:`state_key`; the optimizer state-dict pre/post hooks run as in torch."""
@@ -201,7 +212,12 @@ class WrappedOptimizer(Optimizer):
             # other ranks waiting in that collective
             own = sd.pop(self.state_key, None)
             inner = sd
-        self._load_state_dicts(inner, own)
+        depth = getattr(_LOADING, "depth", 0)
+        _LOADING.depth = depth + 1
+        try:
+            self._load_state_dicts(inner, own)
+        finally:
+            _LOADING.depth = depth
         for post in self._optimizer_load_state_dict_post_hooks.values():
             post(self)
 

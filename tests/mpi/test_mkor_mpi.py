@@ -4,6 +4,7 @@ configuration errors raised on every rank (SPEC §7)."""
 
 from __future__ import annotations
 
+import warnings
 
 import pytest
 import torch
@@ -231,6 +232,74 @@ def test_mkor_part_refused_on_one_rank_raises_on_every_rank_and_changes_nothing(
     assert all_ranks_true(unchanged), f"rank {r}: state changed by a refused load"
     opt.load_state_dict(good)  # and a good checkpoint loads afterwards
     assert opt.state_dict()["mkor"]["steps"] == 3
+
+
+def _same_tree(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(map(_same_tree, a, b))
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    return a == b
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60, method="thread")
+@pytest.mark.parametrize("nesting,damage", [
+    ("plain", "bad_factor"), ("plain", "no_mkor_entry"), ("plain", "other_step"),
+    ("mkor_outside", "no_mkor_entry"), ("mkor_outside", "other_step"),
+    ("mkor_inside", "bad_factor"), ("mkor_inside", "other_step")])
+def test_damaged_mkor_dict_on_the_last_rank_is_refused_on_every_rank(world, nesting, damage):
+    """MKOR(ddp, AdamW), MKOR(ddp, CompressedOptimizer(...)) and CompressedOptimizer(ddp, MKOR(...)) (whose
+    agreement MKOR must not duplicate: no collective of its own inside it) with the last rank's dict
+    damaged (a factor of the wrong shape, no 'mkor' entry, the whole dict from another step): every rank
+    raises, the damaged rank is named, nothing changes, training goes on in step, a good dict loads."""
+    r, last = world.rank, world.size - 1
+    if nesting == "plain":
+        model, ddp = make_mlp_ddp(sizes=SIZES, dtype=F64)
+        opt = mk = MKOR(ddp, torch.optim.AdamW(model.parameters(), lr=1e-3), update_every=2)
+    else:
+        model, ddp, opt, mk, _ = _compressed(nesting)
+    for t in range(3):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    early = roundtrip(opt.state_dict())
+    for t in range(3, 5):
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    good = roundtrip(opt.state_dict())
+    bad = roundtrip(good)
+    if r == last:
+        if damage == "bad_factor":
+            bad["mkor"]["factors"][mk.layer_names[0]]["left"] = torch.eye(3, dtype=F64)
+        elif damage == "no_mkor_entry":
+            del bad["mkor"]
+        else:
+            bad = early
+    before = roundtrip(opt.state_dict())
+    outcome = "accepted"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.load_state_dict(bad)
+    except ValueError as exc:
+        outcome = str(exc)
+    outcomes = [None] * world.size
+    dist.all_gather_object(outcomes, outcome)
+    problems = []
+    if "accepted" in outcomes:
+        problems.append(f"accepted on some rank(s): {outcomes}")
+    elif r != last and f"rank {last}" not in outcome:
+        problems.append(f"the damaged rank is not named: {outcome}")
+    if not _same_tree(before, roundtrip(opt.state_dict())):
+        problems.append("a refused load changed the optimizer's state")
+    for t in range(5, 8):   # the ranks' collectives still line up
+        _step(ddp, opt, *batch(r, t, dtype=F64))
+    problems += [f"param {j} differs across ranks" for j, p in enumerate(model.parameters())
+                 if not same_on_all_ranks(p)] + _factors_identical(mk)
+    opt.load_state_dict(good)
+    if mk.state_dict()["mkor"]["steps"] != 5:
+        problems.append(f"the good dict resumed at MKOR step {mk.state_dict()['mkor']['steps']}")
+    assert all_ranks_true(not problems), f"rank {r}: {problems}"
 
 
 @pytest.mark.mpi(min_size=2)

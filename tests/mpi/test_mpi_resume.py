@@ -183,15 +183,7 @@ def _damaged(kind: str, sd: dict, damage: str) -> dict:
 DAMAGES = ["missing_state", "missing_group_key", "inner_shape", "own_missing", "own_shape"]
 
 
-# MKOR over a plain base optimizer (here AdamW) loads without agreeing across ranks: the damaged rank
-# raises alone, the others load, and the ranks' MKOR step counts then differ, so their factor-update
-# all-reduces no longer line up (a collective mismatch that aborts the job). A fix belongs in
-# commopt/optim/mkor.py (agree on MKOR's part and the base's load, as CO2 does with _load_inner_agreed).
-_MKOR_LOCAL_LOAD = pytest.mark.xfail(run=False, strict=True, reason="MKOR over a plain base optimizer refuses a "
-                                     "damaged state dict on the damaged rank only (mkor.py, not fixed here)")
-
-
-@pytest.mark.parametrize("kind", ["compressed", "co2", pytest.param("mkor", marks=_MKOR_LOCAL_LOAD)])
+@pytest.mark.parametrize("kind", ["compressed", "co2", "mkor"])
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_state_dict_on_one_rank_is_refused_on_every_rank(world, kind, damage):
     r, last = world.rank, world.size - 1
