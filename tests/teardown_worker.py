@@ -2,7 +2,7 @@
 MASTER_ADDR, MASTER_PORT set). ``python tests/teardown_worker.py OPTIMIZER SCENARIO``.
 
 OPTIMIZER: ``compressed`` (DDP + TopK 5% + EControl), ``co2`` (dense outer all-reduce), ``co2-topk``
-(compressed outer exchange), ``mkor`` (statistics all-reduce every step).
+(compressed outer exchange), ``mkor`` (statistics all-reduce every step), ``ddp`` (plain DDP + SGD).
 SCENARIO:
 * ``destroy``    -- train, then ``destroy_process_group()`` with no ``finish()``: exit 0;
 * ``exit``       -- train, then leave without ``finish()`` nor ``destroy_process_group()``: exit 0;
@@ -41,6 +41,16 @@ def main() -> None:
         opt = commopt.CompressedOptimizer(model, base, compressor="topk:0.05", feedback="econtrol")
     elif which in ("co2", "co2-topk"):
         opt = commopt.CO2(m, base, tau=2, **({"compressor": "topk:0.05"} if which == "co2-topk" else {}))
+    elif which == "ddp":      # plain DDP, no commopt: the reference for what torch itself does
+        model = DDP(m, bucket_cap_mb=0.1)
+        opt = base
+        if os.environ.get("PYHOOK"):   # a minimal Python hook: all_gather + .then(), no commopt
+            def hook(_state, bucket):
+                buf = bucket.buffer()
+                recv = torch.empty(world * buf.numel())
+                work = dist.all_gather_into_tensor(recv, buf, async_op=True)
+                return work.get_future().then(lambda f: (f.value(), recv.view(world, -1).mean(0))[1])
+            model.register_comm_hook(None, hook)
     elif which == "mkor":
         opt = commopt.MKOR(m, base, update_every=1)
     else:
