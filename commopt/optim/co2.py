@@ -767,6 +767,16 @@ class CO2(WrappedOptimizer):
         return parts
 
     def _load_state_dicts(self, inner: dict, own: Optional[dict]) -> None:
+        if self.use_dist and self.world_size > 1:
+            # the two branches below run different collectives: every rank must take the same one
+            has_own: list[Any] = [None] * self.world_size
+            dist.all_gather_object(has_own, own is not None, group=self.process_group)
+            if len(set(has_own)) > 1:
+                missing = [r for r, h in enumerate(has_own) if not h]
+                raise ValueError(
+                    f"CO2.load_state_dict refused on every rank; nothing was changed: rank(s) {missing} loaded a "
+                    f"checkpoint without CO2's state (no 'commopt' entry) while the other ranks' have it; load the "
+                    f"same kind of checkpoint on every rank")
         if own is None:
             self._load_inner_atomically(inner)
             warnings.warn(

@@ -143,3 +143,26 @@ def test_mkor_raises_in_step_when_its_statistics_all_reduce_fails(world):
         assert _same(params, list(m.parameters())), "a failed MKOR step changed the parameters"
         dist.destroy_process_group(g)
     dist.barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_co2_checkpoint_without_its_state_on_one_rank_only_is_refused_on_every_rank(world):
+    """One rank loads a plain optimizer checkpoint (no 'commopt' entry), the others CO2's full one: the two
+    load paths run different collectives, so every rank refuses with nothing changed (no hang)."""
+    m = _model()
+    opt = commopt.CO2(m, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), tau=2)
+    for t in range(3):
+        x, y = _batch(t, world.rank)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(m(x), y).backward()
+        opt.step()
+    sd = opt.state_dict()
+    if world.rank == world.size - 1:
+        sd = {k: v for k, v in sd.items() if k != "commopt"}
+    theta, inner = opt._theta.clone(), [s["momentum_buffer"].clone() for s in opt.optimizer.state.values()]
+    with pytest.raises(ValueError, match=rf"rank\(s\) \[{world.size - 1}\] loaded a checkpoint without CO2's state"):
+        opt.load_state_dict(sd)
+    assert torch.equal(theta, opt._theta)
+    assert _same(inner, [s["momentum_buffer"] for s in opt.optimizer.state.values()])
+    opt.finish()   # the ranks are still in step
