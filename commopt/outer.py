@@ -335,6 +335,20 @@ class OuterExchange:
         self.in_flight = 1
         return self._finish()
 
+    def abandon(self) -> bool:
+        """Wait until the exchange in flight (if any) completes or fails and drop it unapplied; True if
+        there was one. For teardown: a collective left running holds Python-made tensors that the
+        backend's thread would release during interpreter shutdown, which aborts the process."""
+        if not self.in_flight or self._work is None:
+            return False
+        work = getattr(self._work, "_work", self._work)   # an exchange.Deferred: its c10d work only
+        try:
+            work.wait()
+        except Exception:  # noqa: BLE001 - a failed collective is as good as finished here
+            pass
+        self._work, self._pending, self.in_flight = None, None, 0
+        return True
+
     def settle(self) -> None:
         """Wait for the exchange in flight now (if any) and keep its result for the next :meth:`wait`."""
         if self.in_flight:

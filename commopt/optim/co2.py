@@ -87,8 +87,15 @@ def _warn_unfinished(candidates: "list[CO2]") -> None:
 
 
 def _warn_unfinished_at_exit() -> None:
-    """atexit: one warning if any live CO2 ends the process with the ranks' models differing."""
-    _warn_unfinished(list(_LIVE))
+    """atexit: one warning if any live CO2 ends the process with the ranks' models differing; then let
+    every outer exchange still in flight finish while the interpreter runs (``OuterExchange.abandon``)."""
+    live = list(_LIVE)
+    _warn_unfinished(live)
+    for o in live:
+        try:
+            o.exchange.abandon()
+        except Exception:  # noqa: BLE001 - never fail at exit
+            pass
 
 
 def _register_for_exit_check(opt: "CO2") -> None:
@@ -634,6 +641,7 @@ class CO2(WrappedOptimizer):
         # an optimizer dropped before exit (a main() that returned without finish()) warns here, once
         try:
             _warn_unfinished([self])
+            self.exchange.abandon()
         except Exception:  # noqa: BLE001 - never raise from a finaliser
             pass
 
