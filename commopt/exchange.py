@@ -233,6 +233,11 @@ class Deferred:
     def __init__(self, work: "dist.Work", finish: "Callable[[], Tensor]", what: str) -> None:
         self._work, self._finish, self._what = work, finish, what
 
+    @property
+    def work(self) -> "dist.Work":
+        """The launched collective itself (to wait for it without forming the sum, e.g. at teardown)."""
+        return self._work
+
     def wait(self) -> Tensor:
         """Block until the collective completes, then return Σ_ranks, dense; a failed collective raises
         :class:`CollectiveError`."""

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .compressors import Compressor, Identity, make_compressor
-from .exchange import CollectiveError, Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes, root_cause
+from .exchange import CollectiveError, Deferred, Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes, root_cause
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start
 
@@ -341,7 +341,7 @@ class OuterExchange:
         backend's thread would release during interpreter shutdown, which aborts the process."""
         if not self.in_flight or self._work is None:
             return False
-        work = getattr(self._work, "_work", self._work)   # an exchange.Deferred: its c10d work only
+        work = self._work.work if isinstance(self._work, Deferred) else self._work   # the collective only
         try:
             work.wait()
         except Exception:  # noqa: BLE001 - a failed collective is as good as finished here
