@@ -95,6 +95,32 @@ class Block:
         return out
 
 
+def check_density_warmup(value: "tuple[float, int] | None") -> "tuple[float, int] | None":
+    """Validate ``density_warmup=(start_density, steps)``; ``None`` (or 0 steps) turns it off."""
+    if value is None:
+        return None
+    try:
+        start, steps = value
+    except (TypeError, ValueError):
+        raise ValueError(f"density_warmup must be (start_density, steps), e.g. (0.25, 100), got {value!r}") from None
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"density_warmup: steps must be an integer >= 0, got {steps!r}")
+    start = float(start)
+    if not 0.0 < start <= 1.0:
+        raise ValueError(f"density_warmup: the start density must be in (0, 1], got {start!r}")
+    return None if steps == 0 else (start, steps)
+
+
+def warmup_density(final: float, warmup: "tuple[float, int] | None", j: int) -> float:
+    """Density of compressed round j (0 = the first after the dense warm-up) under a density warm-up
+    (Deep Gradient Compression, Lin et al. 2018, §3.3): geometric from ``start`` to ``final`` over
+    ``steps`` rounds, r_j = final · (start/final)^(1 − j/steps), then ``final``; never below ``final``."""
+    if warmup is None or j >= warmup[1] or warmup[0] <= final:
+        return final
+    start, steps = warmup
+    return final * (start / final) ** (1.0 - max(0, j) / steps)
+
+
 @dataclass
 class _Plan:
     """How one DDP bucket layout maps onto blocks: (block, buffer positions or None, offset)."""
@@ -128,8 +154,10 @@ class CompressionState:
         grad_scaler: Any = None,
         commit: str = "step",
         track_unused: bool = False,
+        density_warmup: "tuple[float, int] | None" = None,
     ) -> None:
         self.compressor = make_compressor(compressor)
+        self.density_warmup = check_density_warmup(density_warmup)
         self.feedback = make_feedback(feedback)
         self.feedback.check_compressor(self.compressor)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
@@ -253,7 +281,19 @@ class CompressionState:
         """What every rank and every checkpoint must agree on."""
         return {"compressor": self.compressor.config(), "feedback": self.feedback.config(),
                 "warmup_steps": self.warmup_steps, "world_size": self.world_size, "commit": self.commit,
-                "track_unused": self.track_unused}
+                "track_unused": self.track_unused,
+                "density_warmup": list(self.density_warmup) if self.density_warmup else None}
+
+    def k_at(self, blk: Block, step: int) -> tuple[int, str]:
+        """(k, exchange kind) of a block's compressed round at ``step``: the compressor's k, or during
+        the density warm-up the larger k of :func:`warmup_density`."""
+        if self.density_warmup is None:
+            return blk.k, blk.exchange
+        r = warmup_density(blk.k / blk.d, self.density_warmup, step - self.warmup_steps)
+        k = min(blk.d, max(blk.k, int(r * blk.d)))
+        if k == blk.k:
+            return blk.k, blk.exchange
+        return k, choose_exchange(self.compressor.shared_indices, k, blk.d, self.world_size)
 
     def in_warmup(self) -> bool:
         return self.step < max(self.warmup_steps, self.dense_until)
@@ -392,14 +432,14 @@ class CompressionState:
         n, sdt, step = self.world_size, _state_dtype(g_in.dtype), self.step
         scale = self._scale()
         fb = self.feedback
-        out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), blk.k, self.step, blk.key,
+        k, kind = self.k_at(blk, step)
+        out = compress(self.compressor, fb, blk.slots, unscaled(g_in, scale, sdt), k, self.step, blk.key,
                        wire_dtype=g_in.dtype, canon=blk.canon, used=used, scale=scale)
         # the feedback rules need only p and aux after this point, so the sum can go into the bucket itself
         # (when it is already in the state dtype and unscaled): one bucket-sized buffer less
         into = g_in if (scale is None and g_in.dtype == sdt and g_in.is_contiguous()) else None
-        fut = self.exchange.send(blk.exchange, out.idx, out.vals, blk.d, sdt, out=into)
-        self._count(blk.exchange, self.exchange.message_bytes(blk.exchange, blk.k, blk.d, g_in.dtype),
-                    blk.d, g_in.dtype)
+        fut = self.exchange.send(kind, out.idx, out.vals, blk.d, sdt, out=into)
+        self._count(kind, self.exchange.message_bytes(kind, k, blk.d, g_in.dtype), blk.d, g_in.dtype)
         self.stats["compressed_rounds"] += 1
 
         @unwrapped

@@ -53,6 +53,10 @@ class CompressedOptimizer(WrappedOptimizer):
             backward, only if every bucket's average was finite (atomic; the new state of
             every bucket lives until then). ``"block"``: each bucket's state is applied as
             soon as its average is known, where finite (peak extra memory: one bucket's).
+        density_warmup: ``(start_density, steps)``: the first ``steps`` compressed rounds keep a
+            density decaying geometrically from ``start_density`` to the compressor's
+            (Deep Gradient Compression's warm-up, Lin et al. 2018), e.g. ``(0.25, 100)``;
+            ``None``: the compressor's density from the first compressed round.
 
     Checkpoints (:meth:`state_dict` / :meth:`load_state_dict`) have torch.optim's shape, with
     commopt's state under the extra key ``"commopt"``; ``load_state_dict`` is a collective that
@@ -72,6 +76,7 @@ class CompressedOptimizer(WrappedOptimizer):
         check_every: int = 0,
         on_world_size_change: str = "error",
         commit: str = "step",
+        density_warmup: "tuple[float, int] | None" = None,
     ) -> None:
         if not isinstance(ddp_model, DistributedDataParallel):
             raise TypeError(
@@ -97,7 +102,8 @@ class CompressedOptimizer(WrappedOptimizer):
             # not use; track use so that such a parameter's state stays as it was and it takes no slots
             track = bool(getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False))
             state = CompressionState(compressor, feedback, group, warmup_steps, model=ddp_model.module,
-                                     grad_scaler=grad_scaler, commit=commit, track_unused=track)
+                                     grad_scaler=grad_scaler, commit=commit, track_unused=track,
+                                     density_warmup=density_warmup)
             config = {**state.config(), "model": _model_signature(ddp_model.module),
                       "optimizer": type(optimizer).__name__, "check_every": check_every,
                       "on_world_size_change": on_world_size_change}
