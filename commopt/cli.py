@@ -1,4 +1,4 @@
-"""Command line: ``commopt info`` and ``commopt demo`` (also ``python -m commopt``)."""
+"""Command line: ``commopt info``, ``commopt demo`` and ``commopt bench`` (also ``python -m commopt``)."""
 
 from __future__ import annotations
 
@@ -129,6 +129,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(ranks=args.ranks, steps=args.steps, quick=args.quick)
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from commopt.bench import config_from_args, run_bench
+
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return run_bench(cfg, ranks=args.ranks)
+
+
+_BENCH_HELP = """Measure all-reduce and all-gather latency and bandwidth (4 KiB .. 64 MiB, fitted by least squares) on the
+ranks it is launched on (torchrun, srun, mpiexec, or --ranks N local CPU processes), and the compression
+throughput of TopK / RandK with each feedback rule on the local device; then, for --params or --model,
+predict each method's communication time per step (dense DDP, bf16, TopK, RandK, CO2, local SGD) with the
+SPEC section 3/6 cost model and recommend one. Rank 0 prints progress, the figures and the table.
+
+examples:
+  commopt bench --ranks 2 --params 350M
+  torchrun --nnodes 2 --nproc_per_node 8 ... -m commopt bench --params 1.3B --compute-ms 250
+  mpiexec -n 4 python -m commopt bench --model mymodel.py:build --tau 24"""
+
+
 def _parser() -> argparse.ArgumentParser:
     from commopt.demo import DEFAULT_STEPS, QUICK_STEPS
 
@@ -143,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--quick", action="store_true", help="fewer steps, for a smoke test")
     demo.set_defaults(func=_cmd_demo)
+    from commopt.bench import add_arguments
+
+    bench = sub.add_parser("bench", help="measure links and compressors, predict each method's time per step",
+                           description=_BENCH_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return p
 
 
