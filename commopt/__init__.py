@@ -6,7 +6,8 @@ The data path of compressed DDP training, top to bottom:
 (fixed-size collective) -> :mod:`commopt.feedback` (state update) ->
 :class:`CompressedOptimizer` (the wrapped optimizer steps).
 
-:class:`CO2` trains τ local steps per round and overlaps the outer all-reduce
+:class:`CompressedUpdates` compresses the inner optimizer's step instead of the gradient
+(the placement that works under Adam). :class:`CO2` trains τ local steps per round and overlaps the outer all-reduce
 with the next round. :class:`MKOR` preconditions Linear/Conv2d gradients with
 Kronecker factors kept current by rank-1 Sherman–Morrison updates.
 """
@@ -16,7 +17,7 @@ from .compressors import Compressor, RandK, ScaledRandK, TopK, make_compressor
 from .distributed import DistInfo, init_distributed
 from .feedback import EF14, EF21, EF21SGDM, EControl, Feedback, NoFeedback, make_feedback
 from .hook import CompressionState, compression_hook
-from .optim import CO2, MKOR, CompressedOptimizer
+from .optim import CO2, MKOR, CompressedOptimizer, CompressedUpdates
 from .outer import AdaptivePenalty, ConstantPenalty, NoPenalty, Penalty
 
 try:
@@ -30,7 +31,7 @@ __all__ = [
     "Compressor", "TopK", "RandK", "ScaledRandK", "make_compressor",
     "Feedback", "NoFeedback", "EF14", "EF21", "EF21SGDM", "EControl", "make_feedback",
     "CompressionState", "compression_hook",
-    "CompressedOptimizer",
+    "CompressedOptimizer", "CompressedUpdates",
     "CO2", "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty",
     "MKOR",
     "init_distributed", "DistInfo",

@@ -3,6 +3,7 @@
 from .co2 import CO2, local_gradients_hook
 from .compressed import CompressedOptimizer
 from .mkor import MKOR, KneeSwitch
+from .updates import CompressedUpdates
 from .wrapper import WrappedOptimizer
 
-__all__ = ["CO2", "CompressedOptimizer", "KneeSwitch", "MKOR", "WrappedOptimizer", "local_gradients_hook"]
+__all__ = ["CO2", "CompressedOptimizer", "CompressedUpdates", "KneeSwitch", "MKOR", "WrappedOptimizer", "local_gradients_hook"]
