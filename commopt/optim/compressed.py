@@ -25,6 +25,24 @@ def _model_signature(module: torch.nn.Module) -> str:
     return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
+def _warn_mkor_over_sparse_estimates(optimizer: Optimizer, feedback: Feedback) -> None:
+    """MKOR preconditioning a sparse averaged message (EF14 or no feedback) diverged on the benchmark GPT."""
+    from ..feedback import EF14, NoFeedback
+    from .mkor import MKOR
+
+    inner: Any = optimizer
+    while isinstance(inner, WrappedOptimizer) and not isinstance(inner, MKOR):
+        inner = inner.optimizer
+    if isinstance(inner, MKOR) and isinstance(feedback, (EF14, NoFeedback)):
+        import warnings
+
+        warnings.warn(
+            f"commopt: MKOR over a compressed exchange with feedback {feedback.config().get('name', feedback)!r} "
+            f"preconditions a sparse message (k entries per bucket); on the benchmark GPT it diverged (validation "
+            f"loss 5.59 against 2.71 with 'econtrol', experiments/results/time_to_loss.md). Use feedback='econtrol' "
+            f"or 'ef21sgdm', whose estimate is dense", RuntimeWarning, stacklevel=3)
+
+
 class CompressedOptimizer(WrappedOptimizer):
     """Wraps ``optimizer`` over a ``DistributedDataParallel`` model and compresses its gradient exchange.
 
@@ -111,6 +129,7 @@ class CompressedOptimizer(WrappedOptimizer):
 
         # every rank learns of a bad setting on any rank (no rank is left waiting in a collective)
         self.hook_state = build_consistently(build, group, what="CompressedOptimizer")
+        _warn_mkor_over_sparse_estimates(optimizer, self.hook_state.feedback)
         self.check_every = check_every
         self.on_world_size_change = on_world_size_change
         ddp_model.register_comm_hook(self.hook_state, compression_hook)

@@ -94,3 +94,20 @@ def test_overlapped_updates_converge_and_stay_replicated():
     assert same and gap_c < 0.9 and abs(gap_c - gap_d) < 0.05, (gap_c, gap_d)
     with pytest.raises(TypeError, match="fixes tau"):
         commopt.CompressedUpdates(linear(), torch.optim.SGD(linear().parameters(), lr=0.1), tau=4)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_mkor_over_a_sparse_message_warns_and_over_econtrol_does_not():
+    import warnings
+
+    from mpi_helpers import make_mlp_ddp
+
+    for rule, warns in [("ef14", True), ("none", True), ("econtrol", False)]:
+        model, ddp = make_mlp_ddp()
+        mkor = commopt.MKOR(ddp, torch.optim.AdamW(model.parameters(), lr=1e-3))
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            commopt.CompressedOptimizer(ddp, mkor, compressor="topk:0.05", feedback=rule)
+        hit = [w for w in rec if "MKOR over a compressed exchange" in str(w.message)]
+        assert bool(hit) == warns, (rule, [str(w.message) for w in rec])
