@@ -178,6 +178,32 @@ def validate(a: argparse.Namespace) -> None:
                         _say(f"validate {lay} {link} {m}: FAILED {codes}")
 
 
+def quality_lines(a: argparse.Namespace) -> list[str]:
+    """Every quality run of each layout (also methods without a timing run): bytes and loss at equal steps."""
+    lines = []
+    for lay in a.layouts:
+        qdir = os.path.join(RAW, "quality", lay)
+        ddp = _load(os.path.join(qdir, "ddp.json"))
+        if ddp is None:
+            continue
+        recs = []
+        for name in sorted(os.listdir(qdir)):
+            if name.endswith(".json") and name != "floor.json":
+                recs.append(_load(os.path.join(qdir, name)))
+        base_b, base_l = ddp["bytes_per_step"], ddp["evals"][-1][1]
+        lines += [f"## Quality at equal steps, {lay} ({ddp['world_size']} ranks, {ddp['steps']} steps)", "",
+                  "| method | MB/step | bytes vs DDP | final val | vs DDP | what it is |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for r in sorted(recs, key=lambda r: r["evals"][-1][1]):
+            spec = r.get("spec", {})
+            what = ", ".join(f"{k}={v}" for k, v in spec.items())
+            fewer = base_b / r["bytes_per_step"] if r["bytes_per_step"] else float("inf")
+            lines.append(f"| {r['method']} | {r['bytes_per_step'] / 1e6:.3f} | {fewer:.1f}× fewer | "
+                         f"{r['evals'][-1][1]:.4f} | {100 * (r['evals'][-1][1] / base_l - 1):+.1f}% | {what} |")
+        lines.append("")
+    return lines
+
+
 def validation_lines(a: argparse.Namespace) -> list[str]:
     lines = []
     for lay in a.layouts:
@@ -397,7 +423,7 @@ def write_png(rows: list[dict], a: argparse.Namespace, path: str) -> None:
 def report(a: argparse.Namespace) -> list[dict]:
     rows = collect(a)
     write_csv(rows, os.path.join(RESULTS, "time_to_loss.csv"))
-    write_md(rows, a, os.path.join(RESULTS, "time_to_loss.md"), extra="\n".join(validation_lines(a)))
+    write_md(rows, a, os.path.join(RESULTS, "time_to_loss.md"), extra="\n".join(quality_lines(a) + validation_lines(a)))
     write_png(rows, a, os.path.join(RESULTS, "time_to_loss.png"))
     for r in rows:
         print(f"{r['method']:<28} {r['nodes']}x{r['ranks_per_node']} {r['link']:>8} {_fmt(r['ms_per_step']):>8} ms  "

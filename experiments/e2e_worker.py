@@ -67,6 +67,18 @@ METHODS: dict[str, dict[str, Any]] = {
     "commopt_topk1_none": {"kind": "compressed", "compressor": "topk:0.01", "feedback": "none"},
     "commopt_co2_t12": {"kind": "co2", "tau": 12},
     "commopt_co2_t12_topk10": {"kind": "co2", "tau": 12, "compressor": "topk:0.1", "feedback": "ef14"},
+    # compress after the inner optimizer: every rank steps AdamW on its own gradient, the step's
+    # displacement is compressed with error feedback and averaged (CO2 with tau = 1, no outer momentum)
+    "commopt_co2_t1_topk1_ef14": {"kind": "co2", "tau": 1, "outer_momentum": 0.0, "clip": None, "penalty": None,
+                                  "compressor": "topk:0.01", "feedback": "ef14"},
+    "commopt_co2_t1_topk1_econtrol": {"kind": "co2", "tau": 1, "outer_momentum": 0.0, "clip": None,
+                                      "penalty": None, "compressor": "topk:0.01", "feedback": "econtrol"},
+    "commopt_co2_t1_topk05_ef14": {"kind": "co2", "tau": 1, "outer_momentum": 0.0, "clip": None, "penalty": None,
+                                   "compressor": "topk:0.005", "feedback": "ef14"},
+    "commopt_co2_t2_topk1_ef14": {"kind": "co2", "tau": 2, "outer_momentum": 0.0, "clip": None, "penalty": None,
+                                  "compressor": "topk:0.01", "feedback": "ef14"},
+    # CO2 with tau = 12 as asynchronous local SGD: no outer momentum, penalty or clipping
+    "commopt_co2_t12_plain": {"kind": "co2", "tau": 12, "outer_momentum": 0.0, "clip": None, "penalty": None},
     "commopt_co2_t24_bf16": {"kind": "co2", "tau": 24, "buffer_dtype": "bfloat16"},
     "commopt_co2_t48": {"kind": "co2", "tau": 48},
     "commopt_mkor_topk1_ef14": {"kind": "mkor_compressed", "compressor": "topk:0.01", "feedback": "ef14"},
