@@ -75,6 +75,8 @@ METHODS: dict[str, dict[str, Any]] = {
                                       "penalty": None, "compressor": "topk:0.01", "feedback": "econtrol"},
     "commopt_co2_t1_topk05_ef14": {"kind": "co2", "tau": 1, "outer_momentum": 0.0, "clip": None, "penalty": None,
                                    "compressor": "topk:0.005", "feedback": "ef14"},
+    "commopt_co2_t1_topk025_ef14": {"kind": "co2", "tau": 1, "outer_momentum": 0.0, "clip": None, "penalty": None,
+                                    "compressor": "topk:0.0025", "feedback": "ef14"},
     "commopt_co2_t2_topk1_ef14": {"kind": "co2", "tau": 2, "outer_momentum": 0.0, "clip": None, "penalty": None,
                                   "compressor": "topk:0.01", "feedback": "ef14"},
     # CO2 with tau = 12 as asynchronous local SGD: no outer momentum, penalty or clipping
