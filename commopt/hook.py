@@ -286,7 +286,9 @@ class CompressionState:
 
     def k_at(self, blk: Block, step: int) -> tuple[int, str]:
         """(k, exchange kind) of a block's compressed round at ``step``: the compressor's k, or during
-        the density warm-up the larger k of :func:`warmup_density`."""
+        the density warm-up the larger k of :func:`warmup_density`. The schedule counts steps from
+        ``warmup_steps`` (a step number, saved with the state): dense rounds added later (a GradScaler
+        overflow at the end of the warm-up, a state reset on load) do not restart it."""
         if self.density_warmup is None:
             return blk.k, blk.exchange
         r = warmup_density(blk.k / blk.d, self.density_warmup, step - self.warmup_steps)
@@ -572,6 +574,9 @@ class CompressionState:
             for key in ("compressor", "feedback"):
                 if sd[key] != mine[key]:
                     raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {mine[key]}")
+            if sd.get("density_warmup") != mine["density_warmup"]:  # older checkpoints: None (it did not exist)
+                raise ValueError(f"checkpoint was made with density_warmup {sd.get('density_warmup')}, this run uses "
+                                 f"{mine['density_warmup']}: the density of the resumed steps would differ")
             if on_world_size_change not in ("error", "reset"):
                 raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
             if sd["world_size"] != self.world_size:

@@ -95,7 +95,7 @@ def run_local(argv: list[str], world: int, local: int, port: int, log: str, time
         for p in procs:
             if p.poll() is None:
                 p.kill()
-        return max((p.wait() or 0) if p.returncode is None else abs(p.returncode) for p in procs)
+        return max(abs(p.wait()) for p in procs)   # a killed rank (-9) counts as a failure
 
 
 def quality(a: argparse.Namespace) -> None:
@@ -216,20 +216,31 @@ def validation_lines(a: argparse.Namespace) -> list[str]:
                 if not (v and q and t):
                     continue
                 same = v["evals"] == q["evals"]
-                measured = sum(v["step_seconds"][a.skip:])
-                predicted = mean_ms(t, a.skip) / 1e3 * (len(v["step_seconds"]) - a.skip)
+                measured = sum(v["step_seconds"])
+                predicted = time_to(t, len(v["step_seconds"]), a.skip)
                 lines.append(f"- {m}, {lay}, {link}: the full run on the emulated link gave "
                              f"{'bitwise the same' if same else 'DIFFERENT'} validation losses as the local run; "
-                             f"its steps {a.skip}..{v['steps']} took {measured:.1f} s, steps × the timing run's "
-                             f"mean gives {predicted:.1f} s ({100 * (predicted / measured - 1):+.1f}%).")
+                             f"its {v['steps']} steps took {measured:.1f} s of training, the report's wall-time "
+                             f"model (the timing run, then its steady mean) gives {predicted:.1f} s "
+                             f"({100 * (predicted / measured - 1):+.1f}%).")
     if lines:
         lines = ["## Check of the method (`bench_e2e.py validate`)", ""] + lines
     return lines
 
 
 def mean_ms(rec: dict, skip: int) -> float:
+    """Steady-state ms per step: the mean over the timing run's steps ``skip``.. (whole CO2 rounds)."""
     s = rec["step_seconds"][skip:]
+    if not s:
+        raise SystemExit(f"a timing run of {len(rec['step_seconds'])} steps has none after --skip {skip}")
     return 1e3 * sum(s) / len(s)
+
+
+def time_to(rec: dict, steps: int, skip: int) -> float:
+    """Seconds of training to reach ``steps``: the timing run's measured steps as they came (warm-ups,
+    dense rounds, density warm-up included), then the steady mean for the steps beyond it."""
+    s = rec["step_seconds"]
+    return sum(s[:steps]) + max(0, steps - len(s)) * mean_ms(rec, skip) / 1e3
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -274,7 +285,8 @@ def collect(a: argparse.Namespace) -> list[dict[str, Any]]:
                     "method": m, "link": link, "nodes": nodes, "ranks_per_node": rpn,
                     "ms_per_step": ms, "median_ms_per_step": med, "floor_ms_per_step": floor_ms,
                     "bytes_per_step": q["bytes_per_step"], "steps_to_target": st,
-                    "seconds_to_target": (st * ms / 1e3) if (st is not None and ms is not None) else None,
+                    "seconds_to_target": time_to(t, st, a.skip) if (st is not None and t is not None) else None,
+                    "wall": [time_to(t, s, a.skip) for s, _ in q["evals"]] if t is not None else None,
                     "final_val_loss": q["evals"][-1][1] if q["evals"] else None, "target": target, "evals": q["evals"],
                     "params": q["params"], "steps": q["steps"],
                 })
@@ -323,7 +335,8 @@ def verdict(sel: list[dict]) -> list[str]:
             if r["seconds_to_target"] is None:
                 parts.append(f"{ref} never reached it")
             else:
-                parts.append(f"{r['seconds_to_target'] / b['seconds_to_target']:.2f}× sooner than {ref}")
+                x = r["seconds_to_target"] / b["seconds_to_target"]
+                parts.append(f"{x:.2f}× sooner than {ref}" if x >= 1 else f"{1 / x:.2f}× later than {ref}")
         if b["ms_per_step"] and b["floor_ms_per_step"]:
             parts.append(f"step time {b['ms_per_step'] / b['floor_ms_per_step']:.2f}× the compute-only floor")
         out.append("; ".join(parts) + ".")
@@ -350,11 +363,16 @@ def write_md(rows: list[dict], a: argparse.Namespace, path: str, extra: str = ""
             "",
             "How the columns are measured: `final_val_loss`, `steps_to_target` and `bytes_per_step` (per rank, "
             "SPEC §3 formulas, averaged over the whole run including warm-up rounds) come from the full run on "
-            "local processes, whose iterates do not depend on the link; `ms_per_step` is the mean time per "
-            f"step on the emulated link (network namespaces, `tc tbf` on each node's link), steps {a.skip}.."
-            f"{a.timing_steps} of a separate run (two whole CO2 rounds), evaluation excluded; "
-            "`seconds_to_target` = steps_to_target × ms_per_step. Empty: the target was not reached in the run "
-            "(or, for `floor`, which trains without exchanging anything, not applicable).",
+            "local processes, whose iterates do not depend on the link; `ms_per_step` is the steady mean time "
+            f"per step of a separate {a.timing_steps}-step run on the emulated link (network namespaces, "
+            f"`tc tbf` on each node's link), over its steps {a.skip}..{a.timing_steps}, evaluation excluded; "
+            "`seconds_to_target` is that run's measured time for its first steps (dense warm-up rounds, "
+            "PowerSGD's dense start, the density warm-up included) plus the steady mean for each step beyond "
+            "it. Empty: the target was not reached in the run (or, for `floor`, which trains without "
+            "exchanging anything, not applicable). The validation loss is rank 0's model as it stands at the "
+            "evaluation: for CO2 and local SGD between averagings its local model, for CompressedUpdates "
+            "(`co2_t1`) the replicated model minus its own step still in flight; MKOR's statistics all-reduce "
+            "(Σ(d_in + d_out) values every 10 steps) is not counted in the bytes.",
             "",
         ]
     for lay in a.layouts:
@@ -403,8 +421,8 @@ def write_png(rows: list[dict], a: argparse.Namespace, path: str) -> None:
             steps = [s for s, _ in r["evals"]]
             loss = [v for _, v in r["evals"]]
             style = "-" if r["method"].startswith("commopt") else "--"
-            if r["ms_per_step"]:
-                ax_t.plot([s * r["ms_per_step"] / 1e3 for s in steps], loss, style, label=r["method"])
+            if r["wall"]:
+                ax_t.plot([max(0.1, w) for w in r["wall"]], loss, style, label=r["method"])
             ax_b.plot([max(1.0, s * r["bytes_per_step"] / 1e6) for s in steps], loss, style, label=r["method"])
         for ax in (ax_t, ax_b):
             ax.axhline(sel[0]["target"], color="grey", lw=0.8, ls=":")
@@ -444,8 +462,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=160, help="steps of the quality runs (and the cosine's length)")
     p.add_argument("--eval-every", type=int, default=10)
     p.add_argument("--target-step", type=int, default=100)
-    p.add_argument("--timing-steps", type=int, default=34)
-    p.add_argument("--skip", type=int, default=10, help="timing: leading steps left out (warm-ups, first round)")
+    p.add_argument("--timing-steps", type=int, default=40)
+    p.add_argument("--skip", type=int, default=16,
+                   help="timing: steps left out of the steady mean (warm-ups, the first CO2 round); the window "
+                        "should hold whole CO2 rounds with their waits (16..40: the ends of rounds 2 and 3)")
     p.add_argument("--port", type=int, default=29700)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--force", action="store_true", help="rerun what already has a record")

@@ -213,9 +213,10 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
         ddp.register_comm_hook(st, post_localSGD_hook)
         opt = PostLocalSGDOptimizer(optim=base, averager=PeriodicModelAverager(
             period=spec["period"], warmup_steps=spec["warmup"], process_group=dist.group.WORLD))
-        # averaging: one all-reduce of every parameter every `period` steps after warm-up
+        # warm-up steps all-reduce the gradients; then PeriodicModelAverager averages the parameters at its
+        # steps warmup, warmup + period, ... ((step - warmup) % period == 0, its own counter = this step)
         return opt, lambda step: ring_bytes(d, 4, n) if (
-            step < spec["warmup"] or (step + 1) % spec["period"] == 0) else 0.0
+            step < spec["warmup"] or (step - spec["warmup"]) % spec["period"] == 0) else 0.0
     if kind == "compressed":
         extra = {k: spec[k] for k in ("warmup_steps",) if k in spec}
         if "density_warmup" in spec:

@@ -15,6 +15,7 @@ import bench_e2e  # noqa: E402
 
 def _rec(method, evals, bytes_per_step, step_seconds, params=1000, steps=40):
     return {"method": method, "evals": evals, "bytes_per_step": bytes_per_step, "step_seconds": step_seconds,
+            "world_size": 2, "spec": {"kind": "test"},
             "params": params, "steps": steps}
 
 
@@ -34,37 +35,43 @@ def fake_results(tmp_path, monkeypatch):
     _write(str(q / "ddp.json"), _rec("ddp", [(0, 4.0), (10, 3.0), (20, 2.5), (30, 2.4), (40, 2.3)], 8000.0, [0.0]))
     _write(str(q / "commopt_a.json"), _rec("commopt_a", [(0, 4.0), (10, 2.9), (20, 2.6), (30, 2.5), (40, 2.45)],
                                            100.0, [0.0]))
-    _write(str(q / "commopt_b.json"), _rec("commopt_b", [(0, 4.0), (10, 3.5), (20, 3.0), (30, 2.9), (40, 2.8)],
+    _write(str(q / "commopt_b.json"), _rec("commopt_b", [(0, 4.0), (10, 3.5), (20, 3.0), (30, 2.9), (40, 2.5)],
+                                           10.0, [0.0]))
+    _write(str(q / "commopt_c.json"), _rec("commopt_c", [(0, 4.0), (10, 3.5), (20, 3.0), (30, 2.9), (40, 2.8)],
                                            10.0, [0.0]))
     # timing: 10 skipped steps at 9 s, then the window
     _write(str(t / "ddp.json"), _rec("ddp", [], 0, [9.0] * 10 + [2.0] * 24))
-    _write(str(t / "commopt_a.json"), _rec("commopt_a", [], 0, [9.0] * 10 + [0.5, 1.5] * 12))
+    _write(str(t / "commopt_a.json"), _rec("commopt_a", [], 0, [1.0] * 10 + [0.5, 1.5] * 12))
     _write(str(t / "commopt_b.json"), _rec("commopt_b", [], 0, [9.0] * 10 + [0.4] * 24))
+    _write(str(t / "commopt_c.json"), _rec("commopt_c", [], 0, [9.0] * 10 + [0.4] * 24))
     _write(str(t / "floor.json"), _rec("floor", [], 0, [9.0] * 10 + [0.4] * 24))
     return res
 
 
 def test_report_columns_targets_and_times(fake_results):
-    a = bench_e2e.parse(["report", "--layouts", "2x1", "--links", "1gbit", "--target-step", "20",
-                         "--methods", "floor", "ddp", "commopt_a", "commopt_b"])
+    a = bench_e2e.parse(["report", "--layouts", "2x1", "--links", "1gbit", "--target-step", "20", "--skip", "10",
+                         "--timing-steps", "34", "--methods", "floor", "ddp", "commopt_a", "commopt_b", "commopt_c"])
     rows = bench_e2e.report(a)
     with open(fake_results / "time_to_loss.csv") as f:
         table = list(csv.reader(f))
     assert table[0] == ["method", "link", "nodes", "ranks_per_node", "ms_per_step", "floor_ms_per_step",
                         "bytes_per_step", "steps_to_target", "seconds_to_target", "final_val_loss"]
     by = {r[0]: dict(zip(table[0], r)) for r in table[1:]}
-    assert set(by) == {"floor", "ddp", "commopt_a", "commopt_b"}
-    # target = ddp's loss at step 20 (2.5): ddp reaches it at 20, commopt_a at 30, commopt_b never
-    assert by["ddp"]["steps_to_target"] == "20" and by["ddp"]["seconds_to_target"] == "40.0"
-    assert by["commopt_a"]["steps_to_target"] == "30" and by["commopt_a"]["seconds_to_target"] == "30.0"
+    assert set(by) == {"floor", "ddp", "commopt_a", "commopt_b", "commopt_c"}
+    # target = ddp's loss at step 20 (2.5): ddp reaches it at 20, commopt_a at 30, commopt_b at 40, commopt_c never
+    # wall time: the timing run's measured steps (the slow first 10 included), then its steady mean (steps 10..)
+    assert by["ddp"]["steps_to_target"] == "20" and by["ddp"]["seconds_to_target"] == "110.0"  # 10·9 + 10·2
+    assert by["commopt_a"]["steps_to_target"] == "30" and by["commopt_a"]["seconds_to_target"] == "30.0"  # 10 + 20
     assert by["commopt_a"]["ms_per_step"] == "1000.0" and by["commopt_a"]["floor_ms_per_step"] == "400.0"
-    assert by["commopt_b"]["steps_to_target"] == "" and by["commopt_b"]["seconds_to_target"] == ""
+    # beyond the 34 measured steps: 90 + 24·0.4 + 6·0.4
+    assert by["commopt_b"]["steps_to_target"] == "40" and by["commopt_b"]["seconds_to_target"] == "102.0"
+    assert by["commopt_c"]["steps_to_target"] == "" and by["commopt_c"]["seconds_to_target"] == ""
     assert by["floor"]["steps_to_target"] == ""
     md = (fake_results / "time_to_loss.md").read_text()
     assert "First to the target: **commopt_a** (30.0 s)" in md
-    assert "1.33× sooner than ddp" in md and "2.50× the compute-only floor" in md
-    assert "Did not reach the target within the run: commopt_b" in md
-    assert len(rows) == 4
+    assert "3.67× sooner than ddp" in md and "2.50× the compute-only floor" in md
+    assert "Did not reach the target within the run: commopt_c" in md
+    assert len(rows) == 5
 
 
 def test_steps_to_ignores_the_initial_evaluation():

@@ -30,7 +30,8 @@ def test_density_warmup_sends_the_scheduled_k_then_the_compressors(world, rule):
         sent.append(opt.comm_stats()["bytes_sent"] - before)
     entry = 4 + index_dtype(torch.float32).itemsize
     for j, got in enumerate(sent[warm:]):
-        k = max(int(ratio * d), int(warmup_density(ratio, start, j) * d))
+        k_final = max(1, int(ratio * d))   # the compressor's k; the schedule decays to k_final / d
+        k = max(k_final, int(warmup_density(k_final / d, start, j) * d))
         want = allgather_bytes(k, entry, n) if k * n < d else 2.0 * (n - 1) / n * 4 * d
         assert math.isclose(got, want, rel_tol=1e-9), (j, got, want)
     assert sent[warm] > sent[warm + 1] > sent[warm + 3] > sent[warm + 4] == sent[-1]

@@ -52,9 +52,9 @@ def test_synchronous_compressed_sgd_steps_are_parameter_unit_ef14():
         e = e + d - c
         x = x - c.mean(0)
     got = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
-    sums = gather(bits(model.parameters()))
+    sums = gather(bits(model.parameters()))   # the collective first: an assert failing on one rank must not hang
     assert all(s == sums[0] for s in sums)
+    torch.testing.assert_close(got, x, rtol=0, atol=1e-12)
 
 
 def _gap_after(compressor, inner: str, steps: int = 300) -> tuple[float, dict, bool]:
