@@ -305,49 +305,42 @@ def _floor(c: Sequence[float], lo: float = 1e-35) -> np.ndarray:
     return np.where(np.isfinite(v), np.maximum(v, lo), np.nan)
 
 
-def plot_e1(res: dict, path: str) -> None:
+def _semilogy(curves: dict, label, hlines: Sequence[float], title: str, path: str, extra=None) -> None:
+    """One log-scale panel of f(xᵗ) − f* per curve, dashed reference levels, saved to ``path``."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, c in res["curves"].items():
-        ax.semilogy(_floor(c), label=name)
+    for name, c in curves.items():
+        ax.semilogy(_floor(c), label=label(name))
+    if extra is not None:
+        extra(ax)
+    for thr in hlines:
+        ax.axhline(thr, color="gray", lw=0.8, ls="--")
+    ax.set(xlabel="step t", ylabel="f(xᵗ) − f*", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_e1(res: dict, path: str) -> None:
     g = res["lr"]
     q = 1 + 11 * g / 6
     t = np.arange(1, len(res["curves"]["none"]))
-    ax.semilogy(t, res["curves"]["none"][1] * q ** (2 * (t - 1)), "k:", lw=1, label="f(x¹)·q²⁽ᵗ⁻¹⁾, q = 1 + 11γ/6")
-    ax.axhline(E1_TARGET, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="step t", ylabel="f(xᵗ) − f*", title=f"E1: n = d = 3, Top-1, γ = {g:g}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+
+    def growth(ax) -> None:
+        ax.semilogy(t, res["curves"]["none"][1] * q ** (2 * (t - 1)), "k:", lw=1, label="f(x¹)·q²⁽ᵗ⁻¹⁾, q = 1 + 11γ/6")
+
+    _semilogy(res["curves"], str, (E1_TARGET,), f"E1: n = d = 3, Top-1, γ = {g:g}", path, extra=growth)
 
 
 def plot_e2(res: dict, path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name, c in res["curves"].items():
-        ax.semilogy(_floor(c), label=name)
-    for thr in (E2_BELOW, E2_EF14_ABOVE, E2_NONE_ABOVE):
-        ax.axhline(thr, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="step t", ylabel="f(xᵗ) − f*",
-           title=f"E2: n = 10, d = 20, Top-1 (δ = {res['delta']:g}), γ = {res['gamma']:.3g}")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _semilogy(res["curves"], str, (E2_BELOW, E2_EF14_ABOVE, E2_NONE_ABOVE),
+              f"E2: n = 10, d = 20, Top-1 (δ = {res['delta']:g}), γ = {res['gamma']:.3g}", path)
 
 
 def plot_eta(res: dict, path: str) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for m, c in res["curves"].items():
-        ax.semilogy(_floor(c), label=f"η = {m:g}δ")
-    ax.axhline(ETA_CONVERGED, color="gray", lw=0.8, ls="--")
-    ax.set(xlabel="step t", ylabel="f(xᵗ) − f*", title=f"EControl on E2: η sweep (δ = {res['delta']:g})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _semilogy(res["curves"], lambda m: f"η = {m:g}δ", (ETA_CONVERGED,),
+              f"EControl on E2: η sweep (δ = {res['delta']:g})", path)
 
 
 def plot_logreg(res: dict, path: str) -> None:

@@ -124,18 +124,10 @@ if __name__ == "__main__":
     raise SystemExit(0)
 
 
-from experiments.netem import Cluster, NetemUnavailable, check_support, list_objects  # noqa: E402
+from experiments.netem import Cluster, list_objects  # noqa: E402
 
 pytestmark = pytest.mark.timeout(240)
 PY = sys.executable
-
-
-@pytest.fixture(scope="module")
-def netem():
-    try:
-        check_support()
-    except NetemUnavailable as e:
-        pytest.skip(f"no emulated cluster here: {e}")
 
 
 def _logs(tmp, names) -> str:

@@ -24,14 +24,6 @@ PY = sys.executable
 WORKER = os.path.join(ROOT, "experiments", "fault_worker.py")
 
 
-@pytest.fixture(scope="module")
-def netem():
-    try:
-        check_support()
-    except NetemUnavailable as e:
-        pytest.skip(f"no emulated cluster here: {e}")
-
-
 def ours(c: Cluster) -> list[str]:
     objs = list_objects()
     return [n for n in objs["netns"] + objs["links"] if n.startswith(c.tag)]
