@@ -32,6 +32,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from .exchange import ring_allreduce_bytes  # 2(n−1)/n · s·d, the formula comm_stats() counts with
+
 __all__ = [
     "Link", "parse_rate", "ring_allreduce_bytes", "allgather_bytes", "transfer_seconds",
     "ring_allreduce_seconds", "allgather_seconds", "sync_step_seconds", "local_sgd_step_seconds",
@@ -106,9 +108,6 @@ class MeasuredCurve:
         return t[hi - 1] + f * (t[hi] - t[hi - 1])
 
 
-def ring_allreduce_bytes(d: int, itemsize: int, n: int) -> float:
-    """Bytes each rank sends (and receives) in a ring all-reduce of d values: 2(n−1)/n · s·d."""
-    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * itemsize * d
 
 
 def allgather_bytes(message_bytes: float, n: int) -> float:

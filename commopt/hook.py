@@ -571,12 +571,9 @@ class CompressionState:
                 raise ValueError("not a commopt compression state (version "
                                  f"{sd.get('version') if isinstance(sd, dict) else '?'})")
             mine = self.config()
-            for key in ("compressor", "feedback"):
-                if sd[key] != mine[key]:
-                    raise ValueError(f"checkpoint was made with {key} {sd[key]}, this run uses {mine[key]}")
-            if sd.get("density_warmup") != mine["density_warmup"]:  # older checkpoints: None (it did not exist)
-                raise ValueError(f"checkpoint was made with density_warmup {sd.get('density_warmup')}, this run uses "
-                                 f"{mine['density_warmup']}: the density of the resumed steps would differ")
+            for key in ("compressor", "feedback", "density_warmup"):  # older checkpoints lack density_warmup: None
+                if sd.get(key) != mine[key]:
+                    raise ValueError(f"checkpoint was made with {key} {sd.get(key)}, this run uses {mine[key]}")
             if on_world_size_change not in ("error", "reset"):
                 raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
             if sd["world_size"] != self.world_size:

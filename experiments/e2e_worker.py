@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from train_nanogpt import GPT, GPTConfig, build_dataset, get_batch  # noqa: E402
 
 import commopt  # noqa: E402
+from commopt.exchange import ring_allreduce_bytes  # noqa: E402
 
 #: The benchmark's methods. ``kind`` picks the code path; the rest are its arguments.
 METHODS: dict[str, dict[str, Any]] = {
@@ -159,10 +160,6 @@ for _h in (_no_comm_hook, _bf16_hook):
     _h.__annotations__ = {"state": object, "bucket": dist.GradBucket, "return": torch.futures.Future[torch.Tensor]}
 
 
-def ring_bytes(numel: int, itemsize: int, n: int) -> float:
-    return 0.0 if n <= 1 else 2.0 * (n - 1) / n * itemsize * numel
-
-
 def powersgd_bytes_per_step(model: nn.Module, rank: int, n: int) -> float:
     """Bytes per rank of one PowerSGD step (SPEC §3 ring formula): P and Q of every compressed
     matrix, the uncompressed tensors (1-D, or where compression does not pay: PowerSGD's
@@ -170,14 +167,14 @@ def powersgd_bytes_per_step(model: nn.Module, rank: int, n: int) -> float:
     total = 0.0
     for p in model.parameters():
         if p.dim() <= 1:
-            total += ring_bytes(p.numel(), 4, n)
+            total += ring_allreduce_bytes(p.numel(), 4, n)
             continue
         rows, cols = p.shape[0], p.numel() // p.shape[0]
         r = min(rank, rows, cols)
         if (rows + cols) * r * 2 <= rows * cols:
-            total += ring_bytes((rows + cols) * r, 4, n)
+            total += ring_allreduce_bytes((rows + cols) * r, 4, n)
         else:
-            total += ring_bytes(p.numel(), 4, n)
+            total += ring_allreduce_bytes(p.numel(), 4, n)
     return total
 
 
@@ -195,17 +192,17 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
         ddp.register_comm_hook(None, _no_comm_hook)
         return base, lambda step: 0.0
     if kind == "ddp":
-        return base, lambda step: ring_bytes(d, 4, n)
+        return base, lambda step: ring_allreduce_bytes(d, 4, n)
     if kind == "ddp_bf16":
         ddp.register_comm_hook(None, _bf16_hook)
-        return base, lambda step: ring_bytes(d, 2, n)
+        return base, lambda step: ring_allreduce_bytes(d, 2, n)
     if kind == "powersgd":
         st = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=spec["rank"],
                                          start_powerSGD_iter=spec["start_iter"], use_error_feedback=True,
                                          warm_start=True, random_seed=0)
         ddp.register_comm_hook(st, powerSGD_hook.powerSGD_hook)
         compressed = powersgd_bytes_per_step(ddp.module, spec["rank"], n)
-        return base, lambda step: ring_bytes(d, 4, n) if step < spec["start_iter"] else compressed
+        return base, lambda step: ring_allreduce_bytes(d, 4, n) if step < spec["start_iter"] else compressed
     if kind == "localsgd":
         # after warm-up the hook all-reduces within `subgroup` only: one group per rank = no exchange
         alone, _ = dist.new_subgroups(group_size=1)
@@ -215,7 +212,7 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
             period=spec["period"], warmup_steps=spec["warmup"], process_group=dist.group.WORLD))
         # warm-up steps all-reduce the gradients; then PeriodicModelAverager averages the parameters at its
         # steps warmup, warmup + period, ... ((step - warmup) % period == 0, its own counter = this step)
-        return opt, lambda step: ring_bytes(d, 4, n) if (
+        return opt, lambda step: ring_allreduce_bytes(d, 4, n) if (
             step < spec["warmup"] or (step - spec["warmup"]) % spec["period"] == 0) else 0.0
     if kind == "compressed":
         extra = {k: spec[k] for k in ("warmup_steps",) if k in spec}
@@ -234,7 +231,7 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
             kw["buffer_dtype"] = getattr(torch, spec["buffer_dtype"])
         return commopt.CO2(ddp, base, tau=spec["tau"], **kw), None
     if kind == "mkor":
-        return commopt.MKOR(ddp, base), lambda step: ring_bytes(d, 4, n)
+        return commopt.MKOR(ddp, base), lambda step: ring_allreduce_bytes(d, 4, n)
     if kind == "mkor_compressed":
         inner = commopt.MKOR(ddp, base)
         return commopt.CompressedOptimizer(ddp, inner, compressor=spec["compressor"],

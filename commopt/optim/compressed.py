@@ -37,7 +37,7 @@ def _warn_mkor_over_sparse_estimates(optimizer: Optimizer, feedback: Feedback) -
         import warnings
 
         warnings.warn(
-            f"commopt: MKOR over a compressed exchange with feedback {feedback.config().get('name', feedback)!r} "
+            f"commopt: MKOR over a compressed exchange with feedback {feedback.name!r} "
             f"preconditions a sparse message (k entries per bucket); on the benchmark GPT it diverged (validation "
             f"loss 5.59 against 2.71 with 'econtrol', experiments/results/time_to_loss.md). Use feedback='econtrol' "
             f"or 'ef21sgdm', whose estimate is dense", RuntimeWarning, stacklevel=3)
