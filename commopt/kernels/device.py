@@ -1,0 +1,211 @@
+"""The kernel path: csrc/ kernels driven through a :class:`Launcher` (CUDA through CuPy, or OpenCL).
+
+The launch sequence of every op is written once here; a launcher only knows how to compile the
+sources, view a torch tensor as a device buffer and launch a kernel on a 1-d grid. Ops take fp32
+tensors; anything else (float64 state, other dtypes) goes to the reference op, which gives the same
+result (SPEC §10). Nothing here reads a device value on the host: the radix select keeps its
+threshold and counts in device buffers between launches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .reference import TorchOps
+
+__all__ = ["Launcher", "DeviceOps", "kernel_source", "CSRC", "BLOCK"]
+
+#: the kernel sources; each .cu file includes portable.h
+CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"
+if not CSRC.is_dir():  # an installed (non-editable) package carries them inside
+    CSRC = Path(__file__).resolve().parent / "csrc"
+
+#: threads per block (COMMOPT_BLOCK in portable.h)
+BLOCK = 256
+#: csrc/topk_select.cu: elements per tile of the compaction kernels, histogram bins
+_TILE = BLOCK * 8
+_BINS = 2048
+#: the radix digits: (shift, width) of bits 30..20, 19..9, 8..0 of the magnitude key
+_DIGITS = ((20, 11), (9, 11), (0, 9))
+#: most blocks of a grid-stride kernel
+_MAX_BLOCKS = 4096
+
+SOURCES = ("topk_select.cu", "sparse.cu", "randk.cu", "feedback.cu")
+
+
+def kernel_source() -> str:
+    """All of csrc/ as one translation unit, with portable.h inlined (for NVRTC and the OpenCL compiler)."""
+    header = (CSRC / "portable.h").read_text()
+    parts = [header]
+    for name in SOURCES:
+        parts.append(f"/* ---- {name} ---- */\n" + (CSRC / name).read_text().replace('#include "portable.h"', ""))
+    return "\n".join(parts)
+
+
+class Launcher:
+    """What a kernel path must provide. ``buf(t)`` gives a device view of a torch tensor (read, and
+    written back by :meth:`done` if ``out``); ``launch`` runs a kernel on ``blocks`` × BLOCK threads."""
+
+    name = "base"
+
+    def buf(self, t: Tensor, out: bool = False) -> Any:
+        raise NotImplementedError
+
+    def launch(self, kernel: str, blocks: int, args: Sequence[Any]) -> None:
+        raise NotImplementedError
+
+    def done(self) -> None:
+        """After a group of launches: make written buffers visible in their tensors (OpenCL: copy back)."""
+
+    def handles(self, x: Tensor) -> bool:
+        """Whether this launcher runs on x's device."""
+        raise NotImplementedError
+
+
+def _u32(v: int) -> np.uint32:
+    return np.uint32(v)
+
+
+def _f32(v: float) -> np.float32:
+    return np.float32(v)
+
+
+def _grid(n: int) -> int:
+    return max(1, min(_MAX_BLOCKS, (n + BLOCK - 1) // BLOCK))
+
+
+class DeviceOps:
+    """The ops of :class:`~commopt.kernels.reference.TorchOps`, run by csrc/ kernels where the dtype allows."""
+
+    def __init__(self, launcher: Launcher) -> None:
+        self.L = launcher
+        self.name = launcher.name
+        self.ref = TorchOps()
+
+    def _ok(self, *ts: Tensor) -> bool:
+        return all(t.dtype == torch.float32 and t.is_contiguous() and self.L.handles(t) for t in ts) \
+            and ts[0].numel() < (1 << 31)
+
+    # -- TopK --------------------------------------------------------------------------------------
+    def topk(self, x: Tensor, k: int) -> Tensor:
+        d = x.numel()
+        if k >= d:
+            return torch.arange(d, device=x.device)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # exact, and the same key order
+        if not self._ok(x):
+            return self.ref.topk(x, k)
+        x = x.reshape(-1)
+        L = self.L
+        dev = x.device
+        state = torch.empty(4, dtype=torch.int32, device=dev)
+        hist = torch.empty(3 * _BINS, dtype=torch.int32, device=dev)
+        ntiles = (d + _TILE - 1) // _TILE
+        cgt = torch.empty(ntiles, dtype=torch.int32, device=dev)
+        ceq = torch.empty(ntiles, dtype=torch.int32, device=dev)
+        idx = torch.empty(k, dtype=torch.int64, device=dev)
+        vals = torch.empty(k, dtype=torch.float32, device=dev)
+        bx, bs, bh, bg, be = L.buf(x), L.buf(state), L.buf(hist), L.buf(cgt), L.buf(ceq)
+        bi, bv = L.buf(idx, out=True), L.buf(vals, out=True)
+        L.launch("topk_init", 1, (bs, bh, _u32(k)))
+        for p, (shift, width) in enumerate(_DIGITS):
+            L.launch("topk_hist", _grid(d), (bx, _u32(d), bs, bh, _u32(p), _u32(shift), _u32(width)))
+            L.launch("topk_pick", 1, (bs, bh, _u32(p), _u32(shift), _u32(width)))
+        L.launch("topk_count", ntiles, (bx, _u32(d), bs, bg, be))
+        L.launch("topk_scan", 1, (bg, be, _u32(ntiles)))
+        L.launch("topk_write", ntiles, (bx, _u32(d), bs, bg, be, bi, bv))
+        L.done()
+        return idx
+
+    # -- RandK -------------------------------------------------------------------------------------
+    def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:
+        device = torch.device(device)
+        if k >= d:
+            return torch.arange(d, device=device)
+        probe = torch.empty(0, device=device)
+        if not self.L.handles(probe) or d >= (1 << 31):
+            return self.ref.randk(d, k, seed, device)
+        out = torch.empty(k, dtype=torch.int64, device=device)
+        self.L.launch("randk_indices", _grid(k), (_u32(d), _u32(k), _u32(seed & 0xFFFFFFFF),
+                                                  _u32((seed >> 32) & 0xFFFFFFFF), self.L.buf(out, out=True)))
+        self.L.done()
+        return out
+
+    # -- messages ----------------------------------------------------------------------------------
+    def gather(self, x: Tensor, idx: Tensor) -> Tensor:
+        if not self._ok(x) or idx.dtype != torch.int64:
+            return self.ref.gather(x, idx)
+        k = idx.numel()
+        out = torch.empty(k, dtype=x.dtype, device=x.device)
+        if k:
+            self.L.launch("gather_f32", _grid(k), (self.L.buf(x), self.L.buf(idx.contiguous()), _u32(k),
+                                                   self.L.buf(out, out=True)))
+            self.L.done()
+        return out
+
+    def scatter_add_(self, x: Tensor, idx: Tensor, vals: Tensor, sign: float = 1.0) -> Tensor:
+        vals = vals.to(x.dtype)
+        if not self._ok(x, vals.contiguous()) or idx.dtype != torch.int64 or sign not in (1.0, -1.0):
+            return self.ref.scatter_add_(x, idx, vals, sign)
+        k = idx.numel()
+        if k:
+            self.L.launch("scatter_add_f32", _grid(k), (self.L.buf(x, out=True), self.L.buf(idx.contiguous()),
+                                                        self.L.buf(vals.contiguous()), _u32(0), _u32(k),
+                                                        _f32(sign)))
+            self.L.done()
+        return x
+
+    def ordered_sum(self, messages: "list[tuple[Tensor, Tensor]]", out: Tensor) -> Tensor:
+        if not self._ok(out):
+            return self.ref.ordered_sum(messages, out)
+        L = self.L
+        d = out.numel()
+        bo = L.buf(out, out=True)
+        L.launch("zero_f32", _grid(d), (bo, _u32(d)))
+        for idx, vals in messages:  # one launch per rank, in rank order: no atomics, the same sum everywhere
+            k = idx.numel()
+            if k:
+                v = vals.to(torch.float32).contiguous()
+                i = idx.to(torch.int64).contiguous()  # the all-gather carries int32 beside fp32 values
+                L.launch("scatter_add_f32", _grid(k), (bo, L.buf(i), L.buf(v), _u32(0), _u32(k),
+                                                       _f32(1.0)))
+        L.done()
+        return out
+
+    # -- feedback inputs ---------------------------------------------------------------------------
+    def _elementwise(self, kernel: str, inputs: "tuple[Tensor, ...]", scalars: tuple, n_out: int
+                     ) -> "tuple[Tensor, ...]":
+        n = inputs[0].numel()
+        outs = tuple(torch.empty_like(inputs[0]) for _ in range(n_out))
+        L = self.L
+        L.launch(kernel, _grid(n), (*[L.buf(t) for t in inputs], _u32(n), *scalars,
+                                    *[L.buf(o, out=True) for o in outs]))
+        L.done()
+        return outs
+
+    def ef14_input(self, e: Tensor, g: Tensor) -> Tensor:
+        if not self._ok(e, g):
+            return self.ref.ef14_input(e, g)
+        return self._elementwise("ef14_input", (e, g), (), 1)[0]
+
+    def ef21_input(self, g: Tensor, w: Tensor) -> Tensor:
+        if not self._ok(g, w):
+            return self.ref.ef21_input(g, w)
+        return self._elementwise("ef21_input", (g, w), (), 1)[0]
+
+    def sgdm_input(self, v: Tensor, g: Tensor, w: Tensor, beta: float) -> "tuple[Tensor, Tensor]":
+        if not self._ok(v, g, w):
+            return self.ref.sgdm_input(v, g, w, beta)
+        vn, p = self._elementwise("sgdm_input", (v, g, w), (_f32(1.0 - beta), _f32(beta)), 2)
+        return vn, p
+
+    def econtrol_input(self, g: Tensor, h: Tensor, e: Tensor, eta: float) -> "tuple[Tensor, Tensor]":
+        if not self._ok(g, h, e):
+            return self.ref.econtrol_input(g, h, e, eta)
+        q, p = self._elementwise("econtrol_input", (g, h, e), (_f32(eta), _u32(eta == 1.0)), 2)
+        return q, (q if eta == 1.0 else p)

@@ -1,0 +1,134 @@
+"""The reference ops: PyTorch, on any device and dtype (SPEC §10).
+
+Every kernel in ``csrc/`` has its op here, and both give the same result for the same input: the
+same TopK tie rule (lowest index wins, NaN above inf, indices in increasing order), the same RandK
+rule (stratified, counter-based hash), the same float operations in the same order. The kernel
+paths are therefore a speed choice, never a different algorithm; the tests and the first-use
+self-check compare the two.
+"""
+
+from __future__ import annotations
+
+import math
+import torch
+from torch import Tensor
+
+__all__ = ["TorchOps", "mag_keys", "randk_strata", "MIX_C1", "MIX_C2"]
+
+#: the two multipliers of the RandK hash (both below 2^31: products of a 32-bit value stay below 2^63)
+MIX_C1 = 0x7FEB352D
+MIX_C2 = 0x5BD1E995
+_M32 = 0xFFFFFFFF
+
+#: below this size a full ``torch.topk`` over the keys is as fast as the sampled pre-selection (CPU)
+_PRESELECT_MIN = 1 << 16
+
+
+def mag_keys(x: Tensor) -> Tensor:
+    """int64 keys that order like |x| with ties to the lowest index: (bits of |x|) << 32 | (2^32 − 1 − j).
+
+    For non-negative floats the bit pattern orders like the value; NaN sorts above inf (SPEC §10). The
+    bits are those of x in float32 (exact for fp16/bf16/fp32 inputs)."""
+    bits = x.to(torch.float32).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
+    j = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+    return (bits << 32) | (_M32 - j)
+
+
+def _topk_keys(keys: Tensor, k: int) -> Tensor:
+    """Indices (any order) of the k largest of distinct int64 ``keys``, exact. On the CPU, where
+    ``torch.topk`` with a large k is slow, a threshold from a fixed strided sample keeps about 2k
+    candidates first (all keys are distinct, so the result is the same either way)."""
+    d = keys.numel()
+    if keys.device.type != "cpu" or d < _PRESELECT_MIN or 4 * k > d:
+        return torch.topk(keys, k, sorted=False).indices
+    m = min(d, max(4096, 64 * int(math.ceil(d / k))), 1 << 16)
+    stride = d // m
+    sample = keys[: stride * m: stride]
+    q = max(1, int(sample.numel() * 2 * k / d))  # the sample quantile that about 2k of d keys reach
+    t = torch.topk(sample, q, sorted=False).values.min()
+    cand = torch.nonzero(keys >= t).reshape(-1)
+    if cand.numel() < k:
+        return torch.topk(keys, k, sorted=False).indices
+    return cand.index_select(0, torch.topk(keys.index_select(0, cand), k, sorted=False).indices)
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """csrc/randk.cu's mix32 on int64 tensors holding 32-bit values."""
+    x = x ^ (x >> 16)
+    x = (x * MIX_C1) & _M32
+    x = x ^ (x >> 15)
+    x = (x * MIX_C2) & _M32
+    return x ^ (x >> 16)
+
+
+def randk_strata(d: int, k: int, seed: int, device: "torch.device | str" = "cpu") -> Tensor:
+    """RandK's k indices of range(d), sorted: one per stratum [⌊s·d/k⌋, ⌊(s+1)·d/k⌋) at
+    start + mix(mix(s ^ seed_lo) ^ seed_hi) mod size (SPEC §10). ``seed``: a 63-bit integer."""
+    lo, hi = seed & _M32, (seed >> 32) & _M32
+    s = torch.arange(k, device=device, dtype=torch.int64)
+    start = (s * d) // k
+    size = ((s + 1) * d) // k - start
+    h = _mix32(_mix32(s ^ lo) ^ hi)
+    return start + h % size
+
+
+class TorchOps:
+    """The reference path (also the fallback for any dtype or device a kernel does not take)."""
+
+    name = "torch"
+
+    def topk(self, x: Tensor, k: int) -> Tensor:
+        """Indices (int64, increasing) of the k largest |x|; ties to the lowest index, NaN above inf."""
+        d = x.numel()
+        if k >= d:
+            return torch.arange(d, device=x.device)
+        if x.dtype == torch.float64:
+            # 64-bit floats do not fit beside an index in one key: a stable descending sort keeps the
+            # lowest index first among equal magnitudes (NaN sorts as the largest)
+            order = torch.sort(x.abs(), descending=True, stable=True).indices[:k]
+            return torch.sort(order).values
+        return torch.sort(_topk_keys(mag_keys(x), k)).values
+
+    def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:
+        """RandK's indices (int64, increasing) from the counter-based stratified rule."""
+        if k >= d:
+            return torch.arange(d, device=device)
+        return randk_strata(d, k, seed, device)
+
+    def gather(self, x: Tensor, idx: Tensor) -> Tensor:
+        """x[idx]."""
+        return x.index_select(0, idx)
+
+    def scatter_add_(self, x: Tensor, idx: Tensor, vals: Tensor, sign: float = 1.0) -> Tensor:
+        """x[idx] += sign·vals in place (sign ±1, distinct indices); returns x."""
+        return x.index_add_(0, idx, vals.to(x.dtype), alpha=sign)
+
+    def ordered_sum(self, messages: "list[tuple[Tensor, Tensor]]", out: Tensor) -> Tensor:
+        """out ← Σ_r (idx_r, vals_r) densified, added in rank order (bitwise the same on every rank)."""
+        out.zero_()
+        for idx, vals in messages:
+            out.index_add_(0, idx, vals.to(out.dtype))
+        return out
+
+    # -- the feedback inputs of SPEC §2, operation for operation as csrc/feedback.cu ------------------
+    def ef14_input(self, e: Tensor, g: Tensor) -> Tensor:
+        """p = e + g."""
+        return e + g
+
+    def ef21_input(self, g: Tensor, w: Tensor) -> Tensor:
+        """p = g − w_i."""
+        return g - w
+
+    def sgdm_input(self, v: Tensor, g: Tensor, w: Tensor, beta: float) -> "tuple[Tensor, Tensor]":
+        """(v', p): v' = v·(1−β) + g·β (two roundings), p = v' − w_i."""
+        vn = v.mul(1.0 - beta).add_(g.mul(beta))
+        return vn, vn - w
+
+    def econtrol_input(self, g: Tensor, h: Tensor, e: Tensor, eta: float) -> "tuple[Tensor, Tensor]":
+        """(q, p): r = g − h_i, q = e + r, p = e·η + r (p is q when η = 1)."""
+        r = g - h
+        q = e + r
+        if eta == 1.0:
+            return q, q
+        return q, e.mul(eta).add_(r)
+
