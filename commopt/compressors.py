@@ -18,8 +18,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["Compressor", "TopK", "RandK", "ScaledRandK", "Identity", "make_compressor", "topk_indices",
-           "random_subset"]
+from . import kernels
+
+__all__ = ["Compressor", "TopK", "RandK", "ScaledRandK", "Identity", "make_compressor"]
 
 
 class Compressor:
@@ -69,7 +70,7 @@ class Compressor:
 
     def values(self, x: Tensor, idx: Tensor) -> Tensor:
         """The values sent for the chosen indices (shape [k])."""
-        return x.index_select(0, idx)
+        return kernels.ops(x).gather(x, idx)
 
     def compress(self, x: Tensor, step: int = 0, key: int = 0) -> tuple[Tensor, Tensor]:
         """(indices, values) of C(x) for a flat vector x."""
@@ -114,15 +115,14 @@ class TopK(Compressor):
     """Keep the k entries of largest magnitude: C(x)_j = x_j if |x_j| is among the k largest, else 0.
 
     Deterministic and contractive with δ = k/d (Alistarh et al., NeurIPS 2018;
-    Stich et al., NeurIPS 2018). Ties are broken by ``torch.topk``'s fixed rule.
+    Stich et al., NeurIPS 2018). Exact; among equal magnitudes the lowest index wins, NaN ranks above
+    inf, and the indices come in increasing order (SPEC §10), on every kernel path.
     """
 
     name = "topk"
 
     def select(self, x: Tensor, k: int, step: int, key: int) -> Tensor:
-        if k >= x.numel():
-            return torch.arange(x.numel(), device=x.device)
-        return topk_indices(x.abs(), k)
+        return kernels.ops(x).topk(x, k)
 
 
 def _seed(seed: int, step: int, key: int) -> int:
@@ -132,12 +132,14 @@ def _seed(seed: int, step: int, key: int) -> int:
 
 
 class RandK(Compressor):
-    """k coordinates drawn uniformly without replacement, **unscaled**: C(x) = x ⊙ 1_S, |S| = k.
+    """k coordinates, one from each of k strata of [0, d), **unscaled**: C(x) = x ⊙ 1_S, |S| = k.
 
-    Contractive in expectation with δ = k/d, so it composes with error feedback
-    (Stich et al., NeurIPS 2018). The indices come from a private generator
-    seeded by (seed, step, bucket key), never the global RNG, so every rank picks
-    the same coordinates and the values can be all-reduced.
+    The strata are [⌊s·d/k⌋, ⌊(s+1)·d/k⌋); the index in stratum s comes from a counter-based hash of
+    (seed, step, bucket key, s) (SPEC §10), the same on every rank, on every kernel path and never
+    from the global RNG, so the values can be all-reduced. Coordinate j is chosen with probability
+    1/|stratum(j)| ≈ k/d, so E‖C(x) − x‖² = (1 − k/d)‖x‖² when k divides d, and δ ≥ 1/⌈d/k⌉
+    otherwise: contractive in expectation, so it composes with error feedback (Stich et al.,
+    NeurIPS 2018).
     """
 
     name = "randk"
@@ -150,16 +152,7 @@ class RandK(Compressor):
         self.seed = seed
 
     def select(self, x: Tensor, k: int, step: int, key: int) -> Tensor:
-        d = x.numel()
-        if k >= d:
-            return torch.arange(d, device=x.device)
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(_seed(self.seed, step, key))
-        # drawn on the CPU so the choice is identical on every device type
-        idx = random_subset(d, k, gen)
-        if x.is_cuda:  # pinned + non_blocking: no stream synchronisation in the hook
-            return idx.pin_memory().to(x.device, non_blocking=True)
-        return idx
+        return kernels.ops(x).randk(x.numel(), k, _seed(self.seed, step, key), x.device)
 
     def config(self) -> dict:
         return {**super().config(), "seed": self.seed}
@@ -180,52 +173,7 @@ class ScaledRandK(RandK):
 
     def values(self, x: Tensor, idx: Tensor) -> Tensor:
         d, k = x.numel(), idx.numel()
-        return x.index_select(0, idx) * (d / k)
-
-
-#: below this size a full ``torch.topk`` is as fast as the sampled pre-selection
-_PRESELECT_MIN = 1 << 16
-
-
-def topk_indices(mag: Tensor, k: int) -> Tensor:
-    """Indices of the k largest entries of ``mag`` (non-negative magnitudes), exact.
-
-    On CUDA this is ``torch.topk`` (a radix select). On the CPU, where ``torch.topk``
-    with a large k is slow, a threshold t is estimated from a fixed strided sample so
-    that about 2k entries reach it; if at least k do, the k largest of those
-    candidates are exactly the k largest overall (the k-th largest value is then
-    >= t), else it falls back to ``torch.topk`` on the whole vector. The same set of
-    indices either way (up to the order of ties).
-    """
-    d = mag.numel()
-    if mag.device.type != "cpu" or d < _PRESELECT_MIN or 4 * k > d:
-        return torch.topk(mag, k, sorted=False).indices
-    m = min(d, max(4096, 64 * int(math.ceil(d / k))), 1 << 16)
-    stride = d // m
-    sample = mag[: stride * m : stride]
-    q = max(1, int(sample.numel() * 2 * k / d))  # the sample quantile that about 2k of d entries reach
-    t = torch.topk(sample, q, sorted=False).values.min()
-    cand = torch.nonzero(mag >= t).reshape(-1)
-    if cand.numel() < k:
-        return torch.topk(mag, k, sorted=False).indices
-    return cand.index_select(0, torch.topk(mag.index_select(0, cand), k, sorted=False).indices)
-
-
-def random_subset(d: int, k: int, gen: torch.Generator) -> Tensor:
-    """k distinct indices of range(d), uniform over k-subsets, from ``gen`` (CPU, int64).
-
-    For k << d: the distinct values of about 1.25k uniform draws form a uniform
-    random subset given its size, and a uniform k-subset of it is a uniform
-    k-subset of range(d). Falls back to a permutation when too few distinct values
-    came up (the same decision on every rank: it depends only on the generator).
-    """
-    if 4 * k > d:
-        return torch.randperm(d, generator=gen)[:k]
-    draws = torch.randint(0, d, (k + k // 4 + 16,), generator=gen)
-    distinct = torch.unique(draws)
-    if distinct.numel() < k:
-        return torch.randperm(d, generator=gen)[:k]
-    return distinct.index_select(0, torch.randperm(distinct.numel(), generator=gen)[:k])
+        return kernels.ops(x).gather(x, idx) * (d / k)
 
 
 _REGISTRY: dict[str, Callable[..., Compressor]] = {

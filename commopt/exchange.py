@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from . import kernels
 from .round import hold_on_current_stream
 
 __all__ = ["CollectiveError", "Deferred", "Exchange", "unwrapped", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
@@ -101,12 +102,8 @@ def ordered_sum(messages: "list[tuple[Tensor, Tensor]]", d: int, out_dtype: torc
     ``out``: a [d] tensor of ``out_dtype`` to write the sum into (overwritten) instead of a new one."""
     dev = device if device is not None else messages[0][1].device
     if out is None:
-        out = torch.zeros(d, dtype=out_dtype, device=dev)
-    else:
-        out.zero_()
-    for idx, vals in messages:
-        out.index_add_(0, idx, vals.to(out_dtype))
-    return out
+        out = torch.empty(d, dtype=out_dtype, device=dev)
+    return kernels.ops(out).ordered_sum(messages, out)
 
 
 class Exchange:

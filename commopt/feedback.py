@@ -22,6 +22,7 @@ import warnings
 
 from torch import Tensor
 
+from . import kernels
 from .compressors import Compressor
 
 __all__ = ["Feedback", "NoFeedback", "EF14", "EF21", "EF21SGDM", "EControl", "make_feedback"]
@@ -29,19 +30,14 @@ __all__ = ["Feedback", "NoFeedback", "EF14", "EF21", "EF21SGDM", "EControl", "ma
 State = dict[str, Tensor]
 
 
-def _minus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
-    """x − m for a sparse message m = (idx, vals) with distinct indices (x is not modified)."""
-    return x.index_add(0, idx, vals.to(x.dtype), alpha=-1)
-
-
 def _consume_minus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
     """x − m computed in x (for an intermediate the rule owns, never for state)."""
-    return x.index_add_(0, idx, vals.to(x.dtype), alpha=-1)
+    return kernels.ops(x).scatter_add_(x, idx, vals, -1.0)
 
 
 def _plus_message(x: Tensor, idx: Tensor, vals: Tensor) -> Tensor:
     """x + m for a sparse message m = (idx, vals) with distinct indices (x is not modified)."""
-    return x.index_add(0, idx, vals.to(x.dtype))
+    return kernels.ops(x).scatter_add_(x.clone(), idx, vals, 1.0)
 
 
 class Feedback:
@@ -116,7 +112,7 @@ class EF14(Feedback):
         return {"e": g.new_zeros(g.shape)}
 
     def prepare(self, state: State, g: Tensor, density: float = 1.0) -> tuple[Tensor, State]:
-        return state["e"] + g, {}
+        return kernels.ops(g).ef14_input(state["e"], g), {}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
         return {"e": _consume_minus_message(p, idx, vals)}
@@ -137,7 +133,7 @@ class EF21(Feedback):
         return {"w_i": g.clone(), "w": mean.clone()}
 
     def prepare(self, state: State, g: Tensor, density: float = 1.0) -> tuple[Tensor, State]:
-        return g - state["w_i"], {}
+        return kernels.ops(g).ef21_input(g, state["w_i"]), {}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
         return {"w_i": _plus_message(state["w_i"], idx, vals), "w": state["w"] + mean}
@@ -165,8 +161,9 @@ class EF21SGDM(EF21):
         return {"v": g.clone(), "w_i": g.clone(), "w": mean.clone()}
 
     def prepare(self, state: State, g: Tensor, density: float = 1.0) -> tuple[Tensor, State]:
-        v = state["v"].mul(1.0 - self.beta).add_(g, alpha=self.beta)
-        return v - state["w_i"], {"v": v}
+        # v·(1−β) and g·β rounded separately, then added (the same bits on every kernel path)
+        v, p = kernels.ops(g).sgdm_input(state["v"], g, state["w_i"], self.beta)
+        return p, {"v": v}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
         return {"v": pending["v"], **super().update(state, g, p, pending, idx, vals, mean)}
@@ -209,10 +206,8 @@ class EControl(Feedback):
 
     def prepare(self, state: State, g: Tensor, density: float = 1.0) -> tuple[Tensor, State]:
         eta = self.eta_for(density)
-        r = g - state["h_i"]
-        q = state["e"] + r
-        # p = (g − h_i) + η·e: bitwise EF21's g − w_i at η = 0 (SPEC §2 exact check)
-        p = q if eta == 1.0 else r.add(state["e"], alpha=eta)
+        # q = e + (g − h_i), p = η·e + (g − h_i): bitwise EF21's g − w_i at η = 0 (SPEC §2 exact check)
+        q, p = kernels.ops(g).econtrol_input(g, state["h_i"], state["e"], eta)
         return p, {"q": q}
 
     def update(self, state, g, p, pending, idx, vals, mean) -> State:
