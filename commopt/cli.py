@@ -54,18 +54,17 @@ def _cupy_line() -> str:
         return f"CuPy: installed but import failed ({type(exc).__name__}: {exc})"
 
 
-def _kernels_line() -> str:
+def _kernels_lines() -> list[str]:
+    """commopt.kernels.describe(): the COMMOPT_KERNELS mode and which path CPU and CUDA tensors run and why.
+    Never raises: any failure (import, OpenCL probe, CuPy) is reported in one line."""
     try:
-        found = importlib.util.find_spec("commopt.kernels") is not None
-    except Exception:  # noqa: BLE001 -- e.g. the package itself fails to import
-        found = False
-    if not found:
-        return "commopt kernels: not built yet (torch reference path)"
-    try:
-        importlib.import_module("commopt.kernels")
-        return "commopt kernels: commopt.kernels importable"
-    except Exception as exc:  # noqa: BLE001
-        return f"commopt kernels: present but import failed ({type(exc).__name__}: {exc}); torch reference path"
+        from commopt import kernels
+
+        lines = list(kernels.describe())
+        return lines or ["kernels: describe() returned nothing"]
+    except Exception as exc:  # noqa: BLE001 -- info must print whatever is broken
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return [f"kernels: could not be described ({type(exc).__name__}: {msg}); the reference path is the safe choice"]
 
 
 def _mpi_lines() -> list[str]:
@@ -106,7 +105,7 @@ def info_lines() -> list[str]:
         lines.append("CUDA: not available")
     lines += _backend_lines()
     lines.append(_cupy_line())
-    lines.append(_kernels_line())
+    lines += _kernels_lines()
     lines += _mpi_lines()
     launcher = detect_launcher(os.environ)
     lines.append(f"launcher (from environment): {launcher}")

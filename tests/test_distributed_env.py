@@ -247,11 +247,45 @@ def test_init_distributed_rejects_bad_env() -> None:
 
 
 def test_cli_info() -> None:
-    proc = subprocess.run([sys.executable, "-m", "commopt", "info"], env=_clean_env(), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "commopt", "info"], env=_clean_env(COMMOPT_KERNELS="auto"), cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "torch" in proc.stdout
     assert "launcher (from environment): single" in proc.stdout
+    # the kernel lines are commopt.kernels.describe()'s: the mode and the path of CPU tensors, with why
+    assert "kernels: COMMOPT_KERNELS=auto" in proc.stdout
+    assert "  cpu tensors: torch (" in proc.stdout
+    assert "  opencl: " in proc.stdout and "  cuda kernels: " in proc.stdout
+
+
+def test_cli_info_kernels_lines_follow_describe(monkeypatch: pytest.MonkeyPatch) -> None:
+    import commopt.cli as cli
+    import commopt.kernels as kernels
+
+    monkeypatch.setattr(kernels, "describe", lambda: ["kernels: COMMOPT_KERNELS=auto", "  cpu tensors: torch (x)"])
+    lines = cli.info_lines()
+    i = lines.index("kernels: COMMOPT_KERNELS=auto")
+    assert lines[i + 1] == "  cpu tensors: torch (x)"
+
+
+def test_cli_info_never_crashes_on_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    import commopt.cli as cli
+    import commopt.kernels as kernels
+
+    def broken() -> list[str]:
+        raise RuntimeError("probe exploded\nsecond line")
+
+    monkeypatch.setattr(kernels, "describe", broken)
+    lines = [ln for ln in cli.info_lines() if ln.startswith("kernels")]
+    assert lines == ["kernels: could not be described (RuntimeError: probe exploded); "
+                     "the reference path is the safe choice"]
+
+
+def test_cli_info_bad_kernels_mode() -> None:
+    proc = subprocess.run([sys.executable, "-m", "commopt", "info"], env=_clean_env(COMMOPT_KERNELS="bogus"),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "kernels: COMMOPT_KERNELS='bogus': expected one of auto, torch, opencl" in proc.stdout
 
 
 def test_cli_info_reports_launcher_vars() -> None:
