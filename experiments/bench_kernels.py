@@ -332,8 +332,8 @@ def main(argv: "Optional[list[str]]" = None) -> int:
     ap.add_argument("--copy-size", type=parse_size, default=None,
                     help="elements of the copy-bandwidth probe (default max(largest bucket, 32M))")
     ap.add_argument("--out", default=None,
-                    help="output path without suffix (.md and .csv written); default "
-                         "experiments/results/kernels_<device-tag>")
+                    help="output path without suffix (.md and .csv written), or a folder to write "
+                         "kernels_<device-tag>.{md,csv} in; default experiments/results/kernels_<device-tag>")
     args = ap.parse_args(argv)
 
     dev = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
@@ -367,6 +367,8 @@ def main(argv: "Optional[list[str]]" = None) -> int:
     paths = sorted(paths, key=lambda p: p != "torch")
     tag = device_tag(dev)
     out = Path(args.out) if args.out else REPO / "experiments" / "results" / f"kernels_{tag}"
+    if args.out and (args.out.endswith(os.sep) or out.is_dir()):  # a folder: kernels_<device-tag>.{md,csv} in it
+        out = out / f"kernels_{tag}"
     if out.suffix in (".md", ".csv"):
         out = out.with_suffix("")
 
