@@ -32,8 +32,9 @@ def _module(device_index: int) -> Any:
         return cupy.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
 
 
+@functools.lru_cache(maxsize=1)
 def available() -> "tuple[bool, str]":
-    """(usable, why): a CUDA device for torch and an importable CuPy."""
+    """(usable, why): a CUDA device for torch and an importable CuPy (asked once per process)."""
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     try:

@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..compressors import Compressor
+from .. import kernels
 from ..consistency import assert_bitwise_same, bit_checksum, build_consistently
 from ..feedback import Feedback
 from ..outer import OuterExchange, Penalty, make_penalty
@@ -362,7 +363,8 @@ class CO2(WrappedOptimizer):
                      "sdev": sdev, "exchange": exchange, "params": params}
             config = {"tau": tau, "outer_lr": alpha, "outer_momentum": beta, "nesterov": nesterov, "clip": phi,
                       "penalty": pen.config(), "variant": variant, "overlap": overlap,
-                      "exchange": exchange.config(), "model": _signature(params),
+                      "exchange": exchange.config(), "kernels": kernels.path_name(device),
+                      "model": _signature(params),
                       "optimizer": type(optimizer).__name__, "check_every": check_every,
                       "on_world_size_change": on_world_size_change,
                       "world_size": dist.get_world_size(group) if use_dist else 1}

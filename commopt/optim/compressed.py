@@ -12,6 +12,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ..compressors import Compressor
+from .. import kernels
 from ..consistency import assert_bitwise_same, build_consistently
 from ..feedback import Feedback
 from ..hook import CompressionState, compression_hook, refuse_python_reducer, stepping_grad_scaler
@@ -122,7 +123,10 @@ class CompressedOptimizer(WrappedOptimizer):
             state = CompressionState(compressor, feedback, group, warmup_steps, model=ddp_model.module,
                                      grad_scaler=grad_scaler, commit=commit, track_unused=track,
                                      density_warmup=density_warmup)
-            config = {**state.config(), "model": _model_signature(ddp_model.module),
+            device = next(iter(ddp_model.module.parameters())).device
+            # the kernel path (SPEC §10): the same messages either way, but ranks still agree on it
+            config = {**state.config(), "kernels": kernels.path_name(device),
+                      "model": _model_signature(ddp_model.module),
                       "optimizer": type(optimizer).__name__, "check_every": check_every,
                       "on_world_size_change": on_world_size_change}
             return state, config
