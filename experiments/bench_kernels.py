@@ -238,6 +238,15 @@ def copy_bandwidth(dev: torch.device, n: int, repeats: int, warmup: int) -> floa
     return 2 * 4 * n / t / 1e9
 
 
+def _load_line() -> str:
+    """The host's load average at the start (other work on the machine makes the timings noisy)."""
+    try:
+        one, five, _ = os.getloadavg()
+    except (OSError, AttributeError):
+        return ""
+    return f"host load average at the start {one:.1f} (1 min), {five:.1f} (5 min) on {os.cpu_count()} cores"
+
+
 def _same(a: "tuple[torch.Tensor, ...]", b: "tuple[torch.Tensor, ...]") -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(x.cpu(), y.cpu()) for x, y in zip(a, b))
 
@@ -263,7 +272,7 @@ def write_outputs(out: Path, rows: "list[dict]", meta: "dict[str, Any]", targets
               f"- paths: {', '.join(meta['paths'])}" + (f" (not run: {meta['skipped']})" if meta["skipped"] else ""),
               f"- copy bandwidth (dst.copy_(src), {fmt_size(meta['copy_n'])} fp32, read + write): "
               f"**{meta['copy_gbps']:.1f} GB/s**",
-              f"- timing: {meta['timing']}",
+              f"- timing: {meta['timing']}" + (f"; {meta['load']}" if meta.get("load") else ""),
               "- GB/s at the floor bytes (SPEC §10): 12 B/element for EF14, 20 for EControl, 4·d + 8·n·k for "
               "an n-message ordered sum; × ref = reference-path time / this path's time; "
               "% copy = GB/s / copy bandwidth; same = index set and new state bitwise equal to the reference "
@@ -384,6 +393,7 @@ def main(argv: "Optional[list[str]]" = None) -> int:
         "timing": (f"CUDA events, {warmup} warm-up + median of {repeats} calls" if dev.type == "cuda"
                    else f"perf_counter, {warmup} warm-up + median of {repeats} calls"),
         "describe": kernels.describe(),
+        "load": _load_line(),
     }
     print(f"bench_kernels: {meta['device_name']}; paths {', '.join(paths)}; copy bandwidth {copy_gbps:.1f} GB/s "
           f"({fmt_size(copy_n)} fp32, read + write)", flush=True)
