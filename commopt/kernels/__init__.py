@@ -197,6 +197,11 @@ def describe() -> "list[str]":
     lines.append(f"  opencl: {'available' if ok else 'not available'} ({why})")
     ok, why = cu()
     lines.append(f"  cuda kernels: {'available' if ok else 'not available'} ({why})")
+    for (path, dev), built in sorted(_cache.items()):
+        failed = getattr(built, "failed", {})
+        state = ("self-check passed" if not failed else
+                 "on the reference path after the self-check: " + ", ".join(f"{op} ({why})" for op, why in failed.items()))
+        lines.append(f"  {path} kernels on {dev}: {state}")
     return lines
 
 
