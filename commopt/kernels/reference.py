@@ -24,32 +24,35 @@ _M32 = 0xFFFFFFFF
 _PRESELECT_MIN = 1 << 16
 
 
-def mag_keys(x: Tensor) -> Tensor:
+def mag_keys(x: Tensor, index: Optional[Tensor] = None) -> Tensor:
     """int64 keys that order like |x| with ties to the lowest index: (bits of |x|) << 32 | (2^32 − 1 − j).
 
     For non-negative floats the bit pattern orders like the value; NaN sorts above inf (SPEC §10). The
-    bits are those of x in float32 (exact for fp16/bf16/fp32 inputs)."""
+    bits are those of x in float32 (exact for fp16/bf16/fp32 inputs). ``index``: the positions j of the
+    entries of x (default 0, 1, ...)."""
     bits = x.to(torch.float32).view(torch.int32).to(torch.int64) & 0x7FFFFFFF
-    j = torch.arange(x.numel(), device=x.device, dtype=torch.int64)
+    j = torch.arange(x.numel(), device=x.device, dtype=torch.int64) if index is None else index
     return (bits << 32) | (_M32 - j)
 
 
-def _topk_keys(keys: Tensor, k: int) -> Tensor:
-    """Indices (any order) of the k largest of distinct int64 ``keys``, exact. On the CPU, where
-    ``torch.topk`` with a large k is slow, a threshold from a fixed strided sample keeps about 2k
-    candidates first (all keys are distinct, so the result is the same either way)."""
-    d = keys.numel()
-    if keys.device.type != "cpu" or d < _PRESELECT_MIN or 4 * k > d:
-        return torch.topk(keys, k, sorted=False).indices
+def _topk_exact(x: Tensor, k: int) -> Tensor:
+    """Indices (any order) of the k largest keys of x, exact. On the CPU, where ``torch.topk`` with a
+    large k is slow and int64 passes over the whole vector cost, a threshold t on |x| from a fixed
+    strided sample keeps about 2k candidates (|x| ≥ t, or NaN) first; every entry left out is below the
+    k-th largest, so the keys of the candidates alone give the same result."""
+    d = x.numel()
+    if x.device.type != "cpu" or d < _PRESELECT_MIN or 4 * k > d:
+        return torch.topk(mag_keys(x), k, sorted=False).indices
+    mag = x.abs()
     m = min(d, max(4096, 64 * int(math.ceil(d / k))), 1 << 16)
     stride = d // m
-    sample = keys[: stride * m: stride]
-    q = max(1, int(sample.numel() * 2 * k / d))  # the sample quantile that about 2k of d keys reach
+    sample = mag[: stride * m: stride].to(torch.float32)
+    q = max(1, int(sample.numel() * 2 * k / d))  # the sample quantile that about 2k of d entries reach
     t = torch.topk(sample, q, sorted=False).values.min()
-    cand = torch.nonzero(keys >= t).reshape(-1)
-    if cand.numel() < k:
-        return torch.topk(keys, k, sorted=False).indices
-    return cand.index_select(0, torch.topk(keys.index_select(0, cand), k, sorted=False).indices)
+    cand = torch.nonzero(mag.lt(t).logical_not_()).reshape(-1)  # |x| ≥ t, or NaN
+    if cand.numel() < k or bool(torch.isnan(t)):
+        return torch.topk(mag_keys(x), k, sorted=False).indices
+    return cand.index_select(0, torch.topk(mag_keys(x.index_select(0, cand), cand), k, sorted=False).indices)
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -87,7 +90,7 @@ class TorchOps:
             # lowest index first among equal magnitudes (NaN sorts as the largest)
             order = torch.sort(x.abs(), descending=True, stable=True).indices[:k]
             return torch.sort(order).values
-        return torch.sort(_topk_keys(mag_keys(x), k)).values
+        return torch.sort(_topk_exact(x, k)).values
 
     def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:
         """RandK's indices (int64, increasing) from the counter-based stratified rule."""
