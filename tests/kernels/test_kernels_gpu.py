@@ -1,0 +1,368 @@
+"""The csrc/ kernels on CUDA (CuPy/NVRTC) against the reference ops, bit for bit (SPEC §10), and a
+compressed DDP step with the CUDA kernel path active under ``torch.cuda.set_sync_debug_mode("error")``.
+
+Skips without a CUDA device or without CuPy (``pip install 'commopt[cuda]'``). Run it whenever a GPU is
+available: sizes 1 to 100M, fp32 / bf16 / fp16 inputs to TopK, every op of
+:class:`commopt.kernels.device.DeviceOps` over a :class:`CudaLauncher` (the kernels themselves, not the
+self-checked set) compared with :class:`commopt.kernels.reference.TorchOps` on the same CUDA tensors,
+and the index outputs also with the reference ops on the CPU.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+import torch
+
+from commopt.kernels.reference import TorchOps, randk_strata
+
+
+def _why_not() -> "str | None":
+    if not torch.cuda.is_available():
+        return "no CUDA device here: the CUDA kernel tests need one"
+    try:
+        import cupy  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        return f"CuPy is not importable ({type(exc).__name__}: {exc}); pip install 'commopt[cuda]'"
+    return None
+
+
+_WHY = _why_not()
+pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
+
+REF = TorchOps()
+_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def dev():
+    from commopt.kernels.cuda import CudaLauncher
+    from commopt.kernels.device import DeviceOps
+
+    return DeviceOps(CudaLauncher(torch.device("cuda", torch.cuda.current_device())))
+
+
+@pytest.fixture(autouse=True)
+def _free_memory():
+    yield
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(_INT[t.element_size()])
+
+
+def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert got.device == want.device, f"{what}: device {got.device} != {want.device}"
+    bad = (bits(got) != bits(want)).nonzero().reshape(-1)
+    if bad.numel():
+        i = int(bad[0])
+        raise AssertionError(f"{what}: {bad.numel()} of {got.numel()} elements differ, first at {i}: "
+                             f"{got.reshape(-1)[i].item()!r} vs {want.reshape(-1)[i].item()!r}")
+
+
+def assert_bitwise_or_both_nan(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
+    """GPU vs CPU results: bitwise except NaN payloads (the GPU returns its canonical NaN)."""
+    got, want = got.cpu(), want.cpu()
+    both = got.isnan() & want.isnan()
+    assert_bitwise(torch.where(both, torch.zeros_like(got), got), torch.where(both, torch.zeros_like(want), want),
+                   what)
+
+
+def assert_increasing(idx: torch.Tensor, d: int) -> None:
+    assert idx.dtype == torch.int64 and idx.is_cuda
+    if idx.numel():
+        assert int(idx[0]) >= 0 and int(idx[-1]) < d
+    if idx.numel() > 1:
+        assert bool((idx[1:] > idx[:-1]).all())
+
+
+KINDS = ("gauss", "heavy", "wide", "ties", "opposite", "zeros", "nan")
+
+
+def make(kind: str, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The same input kinds as the OpenCL tests, generated on the GPU."""
+    g = torch.Generator(device="cuda").manual_seed(seed * 1_000_003 + d)
+    kw = {"generator": g, "device": "cuda"}
+    if kind == "gauss":
+        x = torch.randn(d, **kw)
+    elif kind == "heavy":
+        x = torch.randn(d, **kw) / (torch.rand(d, **kw) ** 2 + 1e-30)
+    elif kind == "wide":
+        e = torch.randint(-149, 127, (d,), **kw)
+        m = 1.0 + torch.rand(d, **kw)
+        x = torch.ldexp(m, e.float()) * (torch.randint(0, 2, (d,), **kw).float() * 2 - 1)
+    elif kind == "ties":
+        x = torch.randint(-3, 4, (d,), **kw).float()
+        x[torch.rand(d, **kw) < 0.1] = -0.0
+    elif kind == "opposite":
+        x = torch.where(torch.rand(d, **kw) < 0.5, 1.5, -1.5)
+    elif kind == "zeros":
+        x = torch.zeros(d, device="cuda")
+        x[torch.rand(d, **kw) < 0.5] = -0.0
+    elif kind == "nan":
+        x = torch.randn(d, **kw)
+        u = torch.rand(d, **kw)
+        x[u < 0.02] = float("nan")
+        x[(u >= 0.02) & (u < 0.03)] = -float("nan")
+        x[(u >= 0.03) & (u < 0.05)] = float("inf")
+        x[(u >= 0.05) & (u < 0.06)] = -float("inf")
+    else:
+        raise ValueError(kind)
+    return x.to(dtype)
+
+
+def ks_for(d: int) -> list[int]:
+    ks = {1, 2, max(1, d // 1000), max(1, d // 100), max(1, d // 10), d // 2, d - 1, d}
+    return sorted(k for k in ks if 1 <= k <= d)
+
+
+# -- TopK ------------------------------------------------------------------------------------------
+
+
+def _check_topk(dev, x: torch.Tensor, k: int, on_cpu: bool = True) -> None:
+    d = x.numel()
+    got = dev.topk(x, k)
+    assert got.shape == (k,)
+    assert_increasing(got, d)
+    want = REF.topk(x, k)
+    assert_bitwise(got, want, f"topk d={d} k={k} {x.dtype}")
+    assert_bitwise(dev.gather(x, got), REF.gather(x, want), f"topk values d={d} k={k}")
+    if on_cpu:  # the reference on the CPU (its sampled pre-selection included)
+        assert_bitwise(got.cpu(), REF.topk(x.cpu(), k), f"topk vs CPU d={d} k={k}")
+
+
+SMALL = [1, 2, 3, 7, 255, 256, 257, 2047, 2048, 2049, 4097, 65_537, 1_048_577]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d", SMALL)
+def test_topk(dev, kind, d):
+    x = make(kind, d)
+    for k in ks_for(d):
+        _check_topk(dev, x, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gauss", "ties", "nan"])
+@pytest.mark.parametrize("d", [25_000_000, 100_000_000])
+def test_topk_large(dev, kind, dtype, d):
+    x = make(kind, d, seed=1, dtype=dtype)
+    for k in (1, d // 1000, d // 100, d // 10):
+        _check_topk(dev, x, k, on_cpu=(d <= 25_000_000 and k <= d // 100 and dtype == torch.float32))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d", [1, 5, 2049, 70_001, 3_000_000])
+def test_topk_half_precision(dev, kind, dtype, d):
+    x = make(kind, d, seed=2, dtype=dtype)
+    for k in ks_for(d):
+        _check_topk(dev, x, k, on_cpu=d <= 100_000)
+
+
+def test_topk_ties_go_to_the_lowest_index(dev):
+    d = 5_000_000
+    x = make("opposite", d)
+    for k in (1, 17, 2048, 2049, d // 3, d - 1):
+        assert_bitwise(dev.topk(x, k), torch.arange(k, device="cuda"), f"equal magnitudes k={k}")
+
+
+def test_topk_nan_payloads(dev):
+    x = torch.randn(300, device="cuda")
+    x[[5, 50, 150]] = float("inf")
+    vals = torch.tensor([0x7FC00001, 0x7FFFFFFF, -4194304, 0x7F800001, 0x7FC00000], dtype=torch.int32, device="cuda")
+    x.view(torch.int32)[torch.tensor([3, 10, 20, 30, 40], device="cuda")] = vals
+    for k in range(1, 10):
+        _check_topk(dev, x, k)
+
+
+def test_topk_on_a_side_stream(dev):
+    """Kernels run on the current stream: ordered with the torch work around them, no synchronisation."""
+    s = torch.cuda.Stream()
+    with torch.cuda.stream(s):
+        x = make("heavy", 10_000_000, seed=5)
+        got = dev.topk(x * 2, 100_000)
+        vals = dev.gather(x, got)
+    s.synchronize()
+    want = REF.topk(x, 100_000)
+    assert_bitwise(got, want)
+    assert_bitwise(vals, x[want])
+
+
+# -- RandK -----------------------------------------------------------------------------------------
+
+SEEDS = [0, 7, 0xFFFFFFFF, 1 << 32, (1 << 62) + 5, (1 << 63) - 1]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("d,k", [(2, 1), (10, 3), (1000, 999), (4097, 100), (1 << 20, 1 << 10),
+                                 (25_000_000, 250_000), (100_000_000, 1_000_000), (100_000_000, 99_999_999),
+                                 ((1 << 31) - 1, 100_000)])
+def test_randk(dev, d, k, seed):
+    got = dev.randk(d, k, seed, CUDA)
+    assert_increasing(got, d)
+    assert_bitwise(got, randk_strata(d, k, seed, CUDA), f"randk d={d} k={k}")
+    if k <= 1_000_000:
+        assert_bitwise(got.cpu(), randk_strata(d, k, seed, "cpu"), "randk vs CPU")
+
+
+def test_randk_all(dev):
+    for d in (1, 5, 1000):
+        assert_bitwise(dev.randk(d, d, 3, CUDA), torch.arange(d, device="cuda"))
+
+
+# -- gather / scatter / ordered sum ----------------------------------------------------------------
+
+
+def _distinct(d: int, k: int, seed: int, sort: bool) -> torch.Tensor:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    idx = torch.randperm(d, generator=g, device="cuda")[:k]
+    return torch.sort(idx).values if sort else idx
+
+
+@pytest.mark.parametrize("kind", ["gauss", "wide", "nan"])
+@pytest.mark.parametrize("d", [1, 257, 65_537, 25_000_000, 100_000_000])
+def test_gather_and_scatter(dev, kind, d):
+    x = make(kind, d, seed=6)
+    for k, sort in ((1, True), (max(1, d // 100), False), (max(1, d // 7), True)):
+        idx = _distinct(d, k, d + k, sort)
+        got = dev.gather(x, idx)
+        assert_bitwise(got, REF.gather(x, idx), f"gather d={d} k={k}")
+        vals = make("heavy", k, seed=8)
+        for sign in (1.0, -1.0):
+            got = dev.scatter_add_(x.clone(), idx, vals, sign)
+            assert_bitwise(got, REF.scatter_add_(x.clone(), idx, vals, sign), f"scatter d={d} k={k} sign={sign}")
+            if d <= 65_537:
+                assert_bitwise_or_both_nan(got, REF.scatter_add_(x.cpu(), idx.cpu(), vals.cpu(), sign), "vs CPU")
+
+
+@pytest.mark.parametrize("val_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,n,k", [(1, 4, 1), (2049, 7, 300), (100_003, 4, 30_001), (25_000_000, 8, 250_000),
+                                   (100_000_000, 4, 1_000_000)])
+def test_ordered_sum(dev, d, n, k, val_dtype):
+    msgs = [(_distinct(d, k, d + r, sort=(r % 2 == 0)).to(torch.int32 if r % 3 == 1 else torch.int64),
+             make("heavy", k, seed=100 + r, dtype=val_dtype)) for r in range(n)]
+    got = dev.ordered_sum(msgs, torch.full((d,), 7.0, device="cuda"))
+    assert_bitwise(got, REF.ordered_sum(msgs, torch.empty(d, device="cuda")), f"ordered_sum d={d} n={n}")
+    if d <= 100_003:
+        cpu = [(i.cpu(), v.cpu()) for i, v in msgs]
+        assert_bitwise_or_both_nan(got, REF.ordered_sum(cpu, torch.empty(d)), "vs CPU")
+
+
+# -- feedback inputs -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kinds", [("gauss", "gauss", "gauss"), ("heavy", "wide", "ties"), ("nan", "gauss", "wide")])
+@pytest.mark.parametrize("d", [1, 257, 4097, 25_000_000, 100_000_000])
+def test_feedback_inputs(dev, d, kinds):
+    a, b, c = (make(kind, d, seed=d + j) for j, kind in enumerate(kinds))
+    small = d <= 4097
+
+    def check(got, want, what):
+        assert_bitwise(got, want, what)
+        if small:  # fp32 add/sub/mul without contraction round as on the CPU
+            assert_bitwise_or_both_nan(got, want.cpu(), what + " vs CPU")
+
+    check(dev.ef14_input(a, b), REF.ef14_input(a, b), "ef14")
+    check(dev.ef21_input(a, b), REF.ef21_input(a, b), "ef21")
+    for beta in (0.1, 1 / 3):
+        for u, w, name in zip(dev.sgdm_input(a, b, c, beta), REF.sgdm_input(a, b, c, beta), ("v", "p")):
+            check(u, w, f"sgdm {name} beta={beta}")
+    for eta in (0.0, 0.01, 0.5, 1.0):
+        gq, gp = dev.econtrol_input(a, b, c, eta)
+        rq, rp = REF.econtrol_input(a, b, c, eta)
+        check(gq, rq, f"econtrol q eta={eta}")
+        check(gp, rp, f"econtrol p eta={eta}")
+    if small:  # and the CPU reference on the CPU copies
+        A, B = a.cpu(), b.cpu()
+        assert_bitwise_or_both_nan(dev.ef14_input(a, b), REF.ef14_input(A, B), "ef14 vs CPU inputs")
+
+
+def test_self_check_passes(dev):
+    from commopt import kernels
+
+    assert kernels.self_check(dev, CUDA) == {}
+
+
+# -- the hook with the CUDA kernel path ------------------------------------------------------------
+
+
+def _model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256),
+                               torch.nn.Tanh(), torch.nn.Linear(256, 8)).to(device="cuda", dtype=torch.float32)
+
+
+def _hook_run(monkeypatch, mode: str, comp: str, rule: str, sync_check: bool, steps: int = 8):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    import commopt
+    from commopt import kernels
+    from commopt.kernels.cuda import CudaLauncher
+
+    monkeypatch.setenv("COMMOPT_KERNELS", mode)
+    kernels.reset()
+    launches = {"n": 0}
+    real = CudaLauncher.launch
+
+    def counted(self, *a, **kw):
+        launches["n"] += 1
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(CudaLauncher, "launch", counted)
+    store = dist.FileStore(tempfile.mktemp(prefix="commopt-kernels-gpu-"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        model = _model()
+        ddp = DDP(model, bucket_cap_mb=0.05, device_ids=[torch.cuda.current_device()])
+        opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=0.05), compressor=comp,
+                                          feedback=rule)
+        o = kernels.ops(next(model.parameters()))  # built (and self-checked, which syncs) before the check
+        assert o.name == ("cuda" if mode == "auto" else "torch")
+        assert getattr(o, "failed", {}) == {}, o.failed
+        g = torch.Generator(device="cuda").manual_seed(1)
+        xs = [torch.randn(32, 64, generator=g, device="cuda") for _ in range(steps)]
+        ys = [torch.randn(32, 8, generator=g, device="cuda") for _ in range(steps)]
+
+        def step(t):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(ddp(xs[t]), ys[t]).backward()
+            opt.step()
+
+        warm = opt.hook_state.warmup_steps + 1  # warm-up, then the one sync where it ends
+        for t in range(warm):
+            step(t)
+        torch.cuda.synchronize()
+        if sync_check:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            for t in range(warm, steps):
+                step(t)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        assert opt.hook_state.stats["compressed_rounds"] > 0
+        return [p.detach().clone() for p in model.parameters()], launches["n"]
+    finally:
+        dist.destroy_process_group()
+        kernels.reset()
+
+
+@pytest.mark.parametrize("comp,rule", [("topk:0.05", "ef14"), ("randk:0.05", "econtrol"), ("topk:0.01", "ef21sgdm")])
+def test_hook_step_with_cuda_kernels_never_syncs_and_matches_the_reference(monkeypatch, comp, rule):
+    params, n = _hook_run(monkeypatch, "auto", comp, rule, sync_check=True)
+    assert n > 0, "the CUDA kernels were not used"
+    assert all(bool(torch.isfinite(p).all()) for p in params)
+    ref, n_ref = _hook_run(monkeypatch, "torch", comp, rule, sync_check=False)
+    assert n_ref == 0
+    for a, b in zip(params, ref):
+        assert_bitwise(a, b, "parameters: cuda kernels vs torch reference")
+
