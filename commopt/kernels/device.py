@@ -9,6 +9,8 @@ threshold and counts in device buffers between launches.
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -79,10 +81,23 @@ def _grid(n: int) -> int:
     return max(1, min(_MAX_BLOCKS, (n + BLOCK - 1) // BLOCK))
 
 
+def _one_at_a_time(fn: Any) -> Any:
+    """The hook calls ops from the main thread and from the backend's callback threads at once, and a
+    launcher keeps per-op state (OpenCL: the buffers to copy back): one op of an op set runs at a time."""
+
+    @functools.wraps(fn)
+    def call(self: "DeviceOps", *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return fn(self, *args, **kwargs)
+
+    return call
+
+
 class DeviceOps:
     """The ops of :class:`~commopt.kernels.reference.TorchOps`, run by csrc/ kernels where the dtype allows."""
 
     def __init__(self, launcher: Launcher) -> None:
+        self._lock = threading.RLock()
         self.L = launcher
         self.name = launcher.name
         self.ref = TorchOps()
@@ -92,10 +107,11 @@ class DeviceOps:
             and ts[0].numel() < (1 << 31)
 
     # -- TopK --------------------------------------------------------------------------------------
+    @_one_at_a_time
     def topk(self, x: Tensor, k: int) -> Tensor:
         d = x.numel()
-        if k >= d:
-            return torch.arange(d, device=x.device)
+        if k >= d or k < 1:
+            return torch.arange(min(max(k, 0), d), device=x.device)
         if x.dtype in (torch.float16, torch.bfloat16):
             x = x.float()  # exact, and the same key order
         if not self._ok(x):
@@ -123,10 +139,11 @@ class DeviceOps:
         return idx
 
     # -- RandK -------------------------------------------------------------------------------------
+    @_one_at_a_time
     def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:
         device = torch.device(device)
-        if k >= d:
-            return torch.arange(d, device=device)
+        if k >= d or k < 1:
+            return torch.arange(min(max(k, 0), d), device=device)
         probe = torch.empty(0, device=device)
         if not self.L.handles(probe) or d >= (1 << 31):
             return self.ref.randk(d, k, seed, device)
@@ -137,6 +154,7 @@ class DeviceOps:
         return out
 
     # -- messages ----------------------------------------------------------------------------------
+    @_one_at_a_time
     def gather(self, x: Tensor, idx: Tensor) -> Tensor:
         if not self._ok(x) or idx.dtype != torch.int64:
             return self.ref.gather(x, idx)
@@ -148,6 +166,7 @@ class DeviceOps:
             self.L.done()
         return out
 
+    @_one_at_a_time
     def scatter_add_(self, x: Tensor, idx: Tensor, vals: Tensor, sign: float = 1.0) -> Tensor:
         vals = vals.to(x.dtype)
         if not self._ok(x, vals.contiguous()) or idx.dtype != torch.int64 or sign not in (1.0, -1.0):
@@ -160,6 +179,7 @@ class DeviceOps:
             self.L.done()
         return x
 
+    @_one_at_a_time
     def ordered_sum(self, messages: "list[tuple[Tensor, Tensor]]", out: Tensor) -> Tensor:
         if not self._ok(out):
             return self.ref.ordered_sum(messages, out)
@@ -188,22 +208,26 @@ class DeviceOps:
         L.done()
         return outs
 
+    @_one_at_a_time
     def ef14_input(self, e: Tensor, g: Tensor) -> Tensor:
         if not self._ok(e, g):
             return self.ref.ef14_input(e, g)
         return self._elementwise("ef14_input", (e, g), (), 1)[0]
 
+    @_one_at_a_time
     def ef21_input(self, g: Tensor, w: Tensor) -> Tensor:
         if not self._ok(g, w):
             return self.ref.ef21_input(g, w)
         return self._elementwise("ef21_input", (g, w), (), 1)[0]
 
+    @_one_at_a_time
     def sgdm_input(self, v: Tensor, g: Tensor, w: Tensor, beta: float) -> "tuple[Tensor, Tensor]":
         if not self._ok(v, g, w):
             return self.ref.sgdm_input(v, g, w, beta)
         vn, p = self._elementwise("sgdm_input", (v, g, w), (_f32(1.0 - beta), _f32(beta)), 2)
         return vn, p
 
+    @_one_at_a_time
     def econtrol_input(self, g: Tensor, h: Tensor, e: Tensor, eta: float) -> "tuple[Tensor, Tensor]":
         if not self._ok(g, h, e):
             return self.ref.econtrol_input(g, h, e, eta)
