@@ -10,12 +10,21 @@ and the index outputs also with the reference ops on the CPU.
 
 from __future__ import annotations
 
+import functools
 import tempfile
 
 import pytest
 import torch
 
 from commopt.kernels.reference import TorchOps, randk_strata
+
+import kernel_cases
+from kernel_cases import KINDS, assert_bitwise, ks_for
+
+# the shared input kinds, generated on the GPU
+make = functools.partial(kernel_cases.make, device="cuda")
+assert_increasing = functools.partial(kernel_cases.assert_increasing, device="cuda")
+_distinct = functools.partial(kernel_cases.distinct, device="cuda")
 
 
 def _why_not() -> "str | None":
@@ -32,7 +41,6 @@ _WHY = _why_not()
 pytestmark = pytest.mark.skipif(_WHY is not None, reason=_WHY or "")
 
 REF = TorchOps()
-_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 CUDA = torch.device("cuda")
 
 
@@ -51,79 +59,12 @@ def _free_memory():
     torch.cuda.empty_cache()
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(_INT[t.element_size()])
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.device == want.device, f"{what}: device {got.device} != {want.device}"
-    bad = (bits(got) != bits(want)).nonzero().reshape(-1)
-    if bad.numel():
-        i = int(bad[0])
-        raise AssertionError(f"{what}: {bad.numel()} of {got.numel()} elements differ, first at {i}: "
-                             f"{got.reshape(-1)[i].item()!r} vs {want.reshape(-1)[i].item()!r}")
-
-
 def assert_bitwise_or_both_nan(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     """GPU vs CPU results: bitwise except NaN payloads (the GPU returns its canonical NaN)."""
     got, want = got.cpu(), want.cpu()
     both = got.isnan() & want.isnan()
     assert_bitwise(torch.where(both, torch.zeros_like(got), got), torch.where(both, torch.zeros_like(want), want),
                    what)
-
-
-def assert_increasing(idx: torch.Tensor, d: int) -> None:
-    assert idx.dtype == torch.int64 and idx.is_cuda
-    if idx.numel():
-        assert int(idx[0]) >= 0 and int(idx[-1]) < d
-    if idx.numel() > 1:
-        assert bool((idx[1:] > idx[:-1]).all())
-
-
-KINDS = ("gauss", "heavy", "wide", "ties", "opposite", "zeros", "nan")
-
-
-def make(kind: str, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The same input kinds as the OpenCL tests, generated on the GPU."""
-    g = torch.Generator(device="cuda").manual_seed(seed * 1_000_003 + d)
-    kw = {"generator": g, "device": "cuda"}
-    if kind == "gauss":
-        x = torch.randn(d, **kw)
-    elif kind == "heavy":
-        x = torch.randn(d, **kw) / (torch.rand(d, **kw) ** 2 + 1e-30)
-    elif kind == "wide":
-        e = torch.randint(-149, 127, (d,), **kw)
-        m = 1.0 + torch.rand(d, **kw)
-        x = torch.ldexp(m, e.float()) * (torch.randint(0, 2, (d,), **kw).float() * 2 - 1)
-    elif kind == "ties":
-        x = torch.randint(-3, 4, (d,), **kw).float()
-        x[torch.rand(d, **kw) < 0.1] = -0.0
-    elif kind == "opposite":
-        x = torch.where(torch.rand(d, **kw) < 0.5, 1.5, -1.5)
-    elif kind == "zeros":
-        x = torch.zeros(d, device="cuda")
-        x[torch.rand(d, **kw) < 0.5] = -0.0
-    elif kind == "nan":
-        x = torch.randn(d, **kw)
-        u = torch.rand(d, **kw)
-        x[u < 0.02] = float("nan")
-        x[(u >= 0.02) & (u < 0.03)] = -float("nan")
-        x[(u >= 0.03) & (u < 0.05)] = float("inf")
-        x[(u >= 0.05) & (u < 0.06)] = -float("inf")
-    else:
-        raise ValueError(kind)
-    return x.to(dtype)
-
-
-def ks_for(d: int) -> list[int]:
-    ks = {1, 2, max(1, d // 1000), max(1, d // 100), max(1, d // 10), d // 2, d - 1, d}
-    return sorted(k for k in ks if 1 <= k <= d)
-
-
-# -- TopK ------------------------------------------------------------------------------------------
 
 
 def _check_topk(dev, x: torch.Tensor, k: int, on_cpu: bool = True) -> None:
@@ -219,12 +160,6 @@ def test_randk_all(dev):
 
 
 # -- gather / scatter / ordered sum ----------------------------------------------------------------
-
-
-def _distinct(d: int, k: int, seed: int, sort: bool) -> torch.Tensor:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    idx = torch.randperm(d, generator=g, device="cuda")[:k]
-    return torch.sort(idx).values if sort else idx
 
 
 @pytest.mark.parametrize("kind", ["gauss", "wide", "nan"])

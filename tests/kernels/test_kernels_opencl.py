@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from commopt.kernels.reference import MIX_C1, MIX_C2, TorchOps, mag_keys, randk_strata
+from kernel_cases import KINDS, assert_bitwise, assert_increasing, bits, distinct, ks_for, make
 
 try:
     from commopt.kernels.opencl import available as _available
@@ -33,7 +34,6 @@ pytestmark = pytest.mark.skipif(not _OK, reason=f"OpenCL is not usable here ({_W
                                 "install pyopencl and an ICD such as Debian's pocl-opencl-icd")
 
 REF = TorchOps()
-_INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 
 @pytest.fixture(scope="module")
@@ -47,71 +47,12 @@ def dev():
 # -- helpers ---------------------------------------------------------------------------------------
 
 
-def bits(t: torch.Tensor) -> torch.Tensor:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(_INT[t.element_size()])
-
-
-def assert_bitwise(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
-    """Same dtype, shape, device and bit pattern (NaN payloads and the sign of zero included)."""
-    assert got.dtype == want.dtype, f"{what}: dtype {got.dtype} != {want.dtype}"
-    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
-    assert got.device == want.device, f"{what}: device {got.device} != {want.device}"
-    bad = (bits(got) != bits(want)).nonzero().reshape(-1)
-    if bad.numel():
-        i = int(bad[0])
-        raise AssertionError(f"{what}: {bad.numel()} of {got.numel()} elements differ, first at {i}: "
-                             f"{got.reshape(-1)[i].item()!r} vs {want.reshape(-1)[i].item()!r}")
-
-
 def assert_bitwise_or_both_nan(got: torch.Tensor, want: torch.Tensor, what: str = "") -> None:
     """Bitwise, except where both are NaN: for the NumPy references, whose compiled loops may take the
     other operand's NaN when both operands of an addition are NaN (IEEE 754 leaves that open)."""
     both = got.isnan() & want.isnan()
     assert_bitwise(torch.where(both, torch.zeros_like(got), got), torch.where(both, torch.zeros_like(want), want),
                    what)
-
-
-def assert_increasing(idx: torch.Tensor, d: int) -> None:
-    assert idx.dtype == torch.int64
-    if idx.numel():
-        assert int(idx[0]) >= 0 and int(idx[-1]) < d
-    if idx.numel() > 1:
-        assert bool((idx[1:] > idx[:-1]).all()), "indices not strictly increasing"
-
-
-KINDS = ("gauss", "heavy", "wide", "ties", "opposite", "zeros", "nan")
-
-
-def make(kind: str, d: int, seed: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """A float32 input of one kind, cast to ``dtype`` at the end."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + d)
-    if kind == "gauss":
-        x = torch.randn(d, generator=g)
-    elif kind == "heavy":      # Cauchy-like: randn / rand²
-        x = torch.randn(d, generator=g) / (torch.rand(d, generator=g) ** 2 + 1e-30)
-    elif kind == "wide":       # every binade from subnormals to near the top, random signs
-        e = torch.randint(-149, 127, (d,), generator=g)
-        m = 1.0 + torch.rand(d, generator=g)
-        x = torch.ldexp(m, e.float()) * (torch.randint(0, 2, (d,), generator=g).float() * 2 - 1)
-    elif kind == "ties":       # small integers: many ties, of both signs, and zeros of both signs
-        x = torch.randint(-3, 4, (d,), generator=g).float()
-        x[torch.rand(d, generator=g) < 0.1] = -0.0
-    elif kind == "opposite":   # one magnitude, random signs: the lowest indices must win
-        x = torch.where(torch.rand(d, generator=g) < 0.5, torch.tensor(1.5), torch.tensor(-1.5))
-    elif kind == "zeros":
-        x = torch.zeros(d)
-        x[torch.rand(d, generator=g) < 0.5] = -0.0
-    elif kind == "nan":        # NaN (both signs), ±inf, ties among them
-        x = torch.randn(d, generator=g)
-        u = torch.rand(d, generator=g)
-        x[u < 0.02] = float("nan")
-        x[(u >= 0.02) & (u < 0.03)] = -float("nan")
-        x[(u >= 0.03) & (u < 0.05)] = float("inf")
-        x[(u >= 0.05) & (u < 0.06)] = -float("inf")
-    else:
-        raise ValueError(kind)
-    return x.to(dtype)
 
 
 def np_topk(x: torch.Tensor, k: int) -> np.ndarray:
@@ -122,13 +63,6 @@ def np_topk(x: torch.Tensor, k: int) -> np.ndarray:
     order = np.lexsort((np.arange(a.size), -mag, -nan.astype(np.int8)))
     return np.sort(order[:k])
 
-
-def ks_for(d: int) -> list[int]:
-    ks = {1, 2, max(1, d // 1000), max(1, d // 100), max(1, d // 10), d // 2, d - 1, d}
-    return sorted(k for k in ks if 1 <= k <= d)
-
-
-# -- TopK ------------------------------------------------------------------------------------------
 
 SMALL = [1, 2, 3, 7, 255, 256, 257, 2047, 2048, 2049, 4097, 10_000, 65_535, 65_536, 65_537]
 
@@ -329,12 +263,6 @@ def test_randk_seed_halves_both_matter(dev):
 SIZES = [1, 2, 3, 255, 257, 2049, 65_537]
 
 
-def _distinct(d: int, k: int, seed: int, sort: bool) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randperm(d, generator=g)[:k]
-    return torch.sort(idx).values if sort else idx
-
-
 def _cases(kinds, sizes, large):
     """Every kind at the small sizes; the large sizes with the kinds listed for them only (time)."""
     return [(k, d) for d in sizes for k in kinds] + [(k, d) for d, ks in large.items() for k in ks]
@@ -345,7 +273,7 @@ def _cases(kinds, sizes, large):
 def test_gather(dev, kind, d):
     x = make(kind, d, seed=5)
     for k, sort in ((1, True), (max(1, d // 7), False), (d, True)):
-        idx = _distinct(d, k, d + k, sort)
+        idx = distinct(d, k, d + k, sort)
         got = dev.gather(x, idx)
         assert_bitwise(got, REF.gather(x, idx), f"gather d={d} k={k}")
         assert_bitwise(got, torch.from_numpy(x.numpy()[idx.numpy()]), "numpy gather")
@@ -362,7 +290,7 @@ def test_gather(dev, kind, d):
 def test_scatter_add(dev, kind, d, sign):
     x = make(kind, d, seed=6)
     for k, sort in ((1, True), (max(1, d // 3), False), (d, False)):
-        idx = _distinct(d, k, 7 * d + k, sort)
+        idx = distinct(d, k, 7 * d + k, sort)
         vals = make("heavy" if kind != "nan" else "nan", k, seed=8)
         got = dev.scatter_add_(x.clone(), idx, vals, sign)
         assert_bitwise(got, REF.scatter_add_(x.clone(), idx, vals, sign), f"scatter d={d} k={k}")
@@ -375,7 +303,7 @@ def test_scatter_add(dev, kind, d, sign):
 
 def test_scatter_add_in_place_and_other_dtypes(dev):
     x = make("gauss", 5000)
-    idx = _distinct(5000, 300, 1, False)
+    idx = distinct(5000, 300, 1, False)
     v = make("gauss", 300, seed=9)
     y = x.clone()
     assert dev.scatter_add_(y, idx, v, -1.0) is y
@@ -392,7 +320,7 @@ def test_scatter_add_in_place_and_other_dtypes(dev):
 def _messages(d: int, n: int, k: int, seed: int, idx_dtype, val_dtype, nan: bool = False):
     msgs = []
     for r in range(n):
-        idx = _distinct(d, k, seed + r, sort=(r % 2 == 0)).to(idx_dtype)
+        idx = distinct(d, k, seed + r, sort=(r % 2 == 0)).to(idx_dtype)
         vals = make("nan" if nan and r == 1 else "heavy", k, seed=seed + 100 + r, dtype=val_dtype)
         msgs.append((idx, vals))
     return msgs
