@@ -78,8 +78,8 @@ def path_name(device: "Optional[torch.device | str]" = None) -> str:
 class _Checked:
     """A kernel op set with the ops that failed the self-check replaced by the reference ops."""
 
-    def __init__(self, device_ops: Any, failed: "dict[str, str]") -> None:
-        self.name = device_ops.name
+    def __init__(self, device_ops: Any, failed: "dict[str, str]", name: Optional[str] = None) -> None:
+        self.name = name or device_ops.name
         self.failed = dict(failed)
         for op in OP_NAMES:
             setattr(self, op, getattr(_REFERENCE if op in failed else device_ops, op))
@@ -115,18 +115,13 @@ def _build(path: str, dev: torch.device) -> Any:
     except Exception as exc:  # noqa: BLE001 -- a kernel path that cannot start falls back, loudly
         warnings.warn(f"commopt: the {path} kernels could not be loaded on {dev} ({type(exc).__name__}: {exc}); "
                       "every op uses the PyTorch reference path", RuntimeWarning, stacklevel=3)
-        return _Checked(_REFERENCE_AS(path), {op: "not loaded" for op in OP_NAMES})
+        return _Checked(_REFERENCE, {op: "not loaded" for op in OP_NAMES}, name=path)
     failed = self_check(device_ops, dev)
     if failed:
         warnings.warn("commopt: the self-check of the " + path + " kernels on " + str(dev) + " failed for "
                       + ", ".join(f"{op} ({why})" for op, why in failed.items())
                       + "; those ops use the PyTorch reference path", RuntimeWarning, stacklevel=3)
     return _Checked(device_ops, failed)
-
-
-class _REFERENCE_AS(TorchOps):
-    def __init__(self, name: str) -> None:
-        self.name = name
 
 
 def _check_inputs(dev: torch.device) -> "dict[str, Tensor]":
