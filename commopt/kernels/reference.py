@@ -10,6 +10,8 @@ self-check compare the two.
 from __future__ import annotations
 
 import math
+from typing import Optional
+
 import torch
 from torch import Tensor
 
