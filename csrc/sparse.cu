@@ -21,6 +21,15 @@ KERNEL void scatter_add_f32(GLOBAL float* x, GLOBAL const i64* idx, GLOBAL const
     }
 }
 
+/* the same with int32 indices, as the all-gather carries them (index_dtype of commopt.exchange) */
+KERNEL void scatter_add_f32_i32(GLOBAL float* x, GLOBAL const i32* idx, GLOBAL const float* vals,
+                                u32 off, u32 k, float sign) {
+    for (u32 i = BID * BDIM + TID; i < k; i += GDIM * BDIM) {
+        i32 j = idx[off + i];
+        x[j] = x[j] + sign * vals[off + i];
+    }
+}
+
 /* x[i] = 0 */
 KERNEL void zero_f32(GLOBAL float* x, u32 n) {
     for (u32 i = BID * BDIM + TID; i < n; i += GDIM * BDIM) x[i] = 0.0f;

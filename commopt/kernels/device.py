@@ -191,9 +191,9 @@ class DeviceOps:
             k = idx.numel()
             if k:
                 v = vals.to(torch.float32).contiguous()
-                i = idx.to(torch.int64).contiguous()  # the all-gather carries int32 beside fp32 values
-                L.launch("scatter_add_f32", _grid(k), (bo, L.buf(i), L.buf(v), _u32(0), _u32(k),
-                                                       _f32(1.0)))
+                kern = "scatter_add_f32_i32" if idx.dtype == torch.int32 else "scatter_add_f32"
+                i = idx.contiguous() if idx.dtype == torch.int32 else idx.to(torch.int64).contiguous()
+                L.launch(kern, _grid(k), (bo, L.buf(i), L.buf(v), _u32(0), _u32(k), _f32(1.0)))
         L.done()
         return out
 
@@ -231,5 +231,12 @@ class DeviceOps:
     def econtrol_input(self, g: Tensor, h: Tensor, e: Tensor, eta: float) -> "tuple[Tensor, Tensor]":
         if not self._ok(g, h, e):
             return self.ref.econtrol_input(g, h, e, eta)
-        q, p = self._elementwise("econtrol_input", (g, h, e), (_f32(eta), _u32(eta == 1.0)), 2)
-        return q, (q if eta == 1.0 else p)
+        if eta != 1.0:
+            return self._elementwise("econtrol_input", (g, h, e), (_f32(eta), _u32(0)), 2)
+        q = torch.empty_like(g)  # eta = 1: p = q, so the kernel writes q into both (no second buffer)
+        L = self.L
+        bq = L.buf(q, out=True)
+        L.launch("econtrol_input", _grid(q.numel()), (L.buf(g), L.buf(h), L.buf(e), _u32(q.numel()),
+                                                       _f32(1.0), _u32(1), bq, bq))
+        L.done()
+        return q, q
