@@ -40,7 +40,8 @@ from torch.futures import Future
 
 from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
-from .exchange import Exchange, choose_exchange, unwrapped
+from .exchange import Exchange, _chained, choose_exchange, unwrapped
+from .hierarchy import LaunchChain, NodeGroups, agree_node_size, intra_node_bytes, local_world_size, shard_key, shard_size
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start, finite, hold_on_current_stream, unscaled, write_estimate
 
@@ -85,6 +86,7 @@ class Block:
     exchange: str                  # "gather" | "shared" | "dense"
     key: int                       # layout-independent key (seeds RandK)
     slots: dict[str, Tensor] = field(default_factory=dict)
+    unit: int = 0                  # the compressed length: d, or the shard ⌈d/L⌉ under node_size = L
     canon: Optional[tuple[Tensor, Tensor]] = None  # (canonical starts, block starts) for shared indices
 
     def offsets(self) -> list[int]:
@@ -155,6 +157,8 @@ class CompressionState:
         commit: str = "step",
         track_unused: bool = False,
         density_warmup: "tuple[float, int] | None" = None,
+        node_size: "int | str | None" = None,
+        node_groups: Optional[NodeGroups] = None,
     ) -> None:
         self.compressor = make_compressor(compressor)
         self.density_warmup = check_density_warmup(density_warmup)
@@ -174,6 +178,18 @@ class CompressionState:
         self.process_group = process_group
         self.world_size = dist.get_world_size(process_group)
         self.rank = dist.get_rank(process_group)
+        # SPEC §8: L ranks per node; L > 1 compresses only between nodes (agreed before any group is built)
+        self.node_size = node_groups.L if node_groups is not None else agree_node_size(node_size, process_group)
+        if self.node_size > 1 and track_unused:
+            raise ValueError(f"node_size={self.node_size} (hierarchical compression) does not support unused-parameter "
+                             "tracking (DDP built with find_unused_parameters=True or static_graph=True): a node's "
+                             "mean gradient mixes its ranks' use; build DDP without them or pass node_size=None")
+        if node_groups is None and self.node_size > 1:
+            node_groups = NodeGroups.build(self.node_size, process_group)
+        self.nodes: Optional[NodeGroups] = node_groups
+        self.inter_exchange = Exchange(self.nodes.inter) if self.nodes is not None else None
+        self._chains = (LaunchChain(), LaunchChain())  # inter-node exchange, intra-node all-gather
+        self._warned_flat = False
         self.warmup_steps = warmup_steps
         self.grad_scaler = grad_scaler
         self.exchange = Exchange(process_group)
@@ -194,7 +210,8 @@ class CompressionState:
         self._failed_steps: set[int] = set()       # steps whose exchange failed: late rounds are dropped
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
-        self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "dense_rounds": 0,
+        self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "bytes_inter_node": 0.0,
+                      "bytes_intra_node": 0.0, "dense_rounds": 0,
                       "compressed_rounds": 0, "collectives": {}}
         self.commit = commit
         # parameters this rank used since the last synchronised step (None: not tracked, all count as used)
@@ -268,13 +285,18 @@ class CompressionState:
 
     # -- pickling: drop the process group (like PyTorch's PowerSGDState) ------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("process_group", "exchange", "_used_handles")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("process_group", "exchange", "_used_handles", "nodes", "inter_exchange", "_chains")}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.process_group = None
         self.exchange = Exchange(None)
         self._used_handles = []
+        self.nodes = None  # process groups do not pickle: a copy runs the flat algorithm
+        self.inter_exchange = None
+        self.node_size = 1
+        self._chains = (LaunchChain(), LaunchChain())
 
     # -- configuration ----------------------------------------------------------------------------
     def config(self) -> dict:
@@ -282,7 +304,18 @@ class CompressionState:
         return {"compressor": self.compressor.config(), "feedback": self.feedback.config(),
                 "warmup_steps": self.warmup_steps, "world_size": self.world_size, "commit": self.commit,
                 "track_unused": self.track_unused,
-                "density_warmup": list(self.density_warmup) if self.density_warmup else None}
+                "density_warmup": list(self.density_warmup) if self.density_warmup else None,
+                "node_size": self.node_size}
+
+    @property
+    def workers(self) -> int:
+        """The workers of the feedback rule: the world size, or the N nodes under node_size = L > 1."""
+        return self.nodes.N if self.nodes is not None else self.world_size
+
+    @property
+    def replica_group(self) -> Optional[dist.ProcessGroup]:
+        """The ranks whose replicated state must be bitwise identical: all, or those with this local rank."""
+        return self.nodes.inter if self.nodes is not None else self.process_group
 
     def k_at(self, blk: Block, step: int) -> tuple[int, str]:
         """(k, exchange kind) of a block's compressed round at ``step``: the compressor's k, or during
@@ -291,11 +324,12 @@ class CompressionState:
         overflow at the end of the warm-up, a state reset on load) do not restart it."""
         if self.density_warmup is None:
             return blk.k, blk.exchange
-        r = warmup_density(blk.k / blk.d, self.density_warmup, step - self.warmup_steps)
-        k = min(blk.d, max(blk.k, int(r * blk.d)))
+        u = blk.unit or blk.d
+        r = warmup_density(blk.k / u, self.density_warmup, step - self.warmup_steps)
+        k = min(u, max(blk.k, int(r * u)))
         if k == blk.k:
             return blk.k, blk.exchange
-        return k, choose_exchange(self.compressor.shared_indices, k, blk.d, self.world_size)
+        return k, choose_exchange(self.compressor.shared_indices, k, u, self.workers)
 
     def in_warmup(self) -> bool:
         return self.step < max(self.warmup_steps, self.dense_until)
@@ -316,12 +350,16 @@ class CompressionState:
     def _make_block(self, pids: tuple[int, ...], numels: tuple[int, ...], slots: dict[str, Tensor],
                     device: torch.device) -> Block:
         d = sum(numels)
-        k = self.compressor.num_selected(d)
+        unit = d if self.nodes is None else shard_size(d, self.nodes.L)
+        k = self.compressor.num_selected(unit)
         blk = Block(pids=pids, numels=numels, d=d, k=k,
-                    exchange=choose_exchange(self.compressor.shared_indices, k, d, self.world_size),
-                    key=_stable_key(pids), slots=slots)
-        if self.compressor.shared_indices and list(pids) != sorted(pids):
+                    exchange=choose_exchange(self.compressor.shared_indices, k, unit, self.workers),
+                    key=_stable_key(pids), slots=slots, unit=unit)
+        if self.nodes is not None:
+            blk.key = shard_key(blk.key, self.nodes.local)  # RandK's shard j: the same on the N ranks of inter(j)
+        elif self.compressor.shared_indices and list(pids) != sorted(pids):
             blk.canon = self._canonical_map(pids, numels, device)
+        self._warn_if_flat_gather_stops_paying(blk)
         for pid, off in zip(pids, blk.offsets()):
             self._block_of[pid] = (blk, off)
         return blk
@@ -380,9 +418,26 @@ class CompressionState:
         self._plans[index] = plan
         return plan
 
+    def _warn_if_flat_gather_stops_paying(self, blk: Block) -> None:
+        """One warning when the flat TopK all-gather falls back to a dense all-reduce (k/d ≥ 1/n) while the
+        launcher says several ranks share a node: hierarchical compression would still compress."""
+        if self._warned_flat or self.nodes is not None or blk.exchange != "dense" or blk.k >= blk.d:
+            return
+        L = local_world_size()
+        if L is None or L < 2 or self.world_size % L:
+            return
+        self._warned_flat = True
+        warnings.warn(
+            f"commopt: {self.compressor.spec()} keeps k/d = {blk.k / blk.d:.3g} of a bucket, at least 1/{self.world_size} "
+            f"of it, so the flat all-gather of {self.world_size} messages would move more than a dense all-reduce: these "
+            f"buckets are all-reduced densely (no saving). The launcher reports {L} ranks per node; node_size='auto' "
+            f"compresses only between the {self.world_size // L} nodes (SPEC §8).", RuntimeWarning, stacklevel=3)
+
     def _adopt(self, pids: tuple[int, ...], numels: tuple[int, ...], buf: Tensor) -> dict[str, Tensor]:
-        """State for a new block, cut from the per-parameter state of older blocks ({} if any is missing)."""
-        if not self.slot_names or any(pid not in self._block_of for pid in pids):
+        """State for a new block, cut from the per-parameter state of older blocks ({} if any is missing).
+        Under node_size = L > 1 the state is one shard of a block and cannot be cut per parameter: a new
+        block starts with a dense round."""
+        if not self.slot_names or self.nodes is not None or any(pid not in self._block_of for pid in pids):
             return {}
         sdt = _state_dtype(buf.dtype)
         parts: dict[str, list[Tensor]] = {n: [] for n in self.slot_names}
@@ -409,6 +464,8 @@ class CompressionState:
 
     def dense_round(self, blk: Block, g_in: Tensor) -> Future:
         """Uncompressed all-reduce of ``g_in`` (in place); (re)initialises the block's state (SPEC §2)."""
+        if self.nodes is not None:
+            return self._node_round(blk, g_in, compressed=False)
         n, sdt, step = self.world_size, _state_dtype(g_in.dtype), self.step
         scale = self._scale()
         names = self.slot_names
@@ -431,6 +488,8 @@ class CompressionState:
     def compressed_round(self, blk: Block, g_in: Tensor, used: Optional[Tensor] = None) -> Future:
         """Compress with feedback and exchange a fixed-size message (:func:`commopt.round.compress`);
         the averaged estimate goes back into ``g_in`` and the new state is staged for the commit."""
+        if self.nodes is not None:
+            return self._node_round(blk, g_in, compressed=True)
         n, sdt, step = self.world_size, _state_dtype(g_in.dtype), self.step
         scale = self._scale()
         fb = self.feedback
@@ -453,6 +512,90 @@ class CompressionState:
             return write_estimate(est, ok, mean, scale, g_in)
 
         return fut.then(finish)
+
+    def _node_round(self, blk: Block, g_in: Tensor, compressed: bool) -> Future:
+        """One round under node_size = L > 1 (SPEC §8), three collectives chained without a host sync:
+
+            s = reduce-scatter(SUM) of the padded bucket in the node (launched here, in bucket order)
+            G = s / L (state units): the node's mean gradient on shard j, the worker gradient
+            compressed: C(feedback input of G) exchanged across the N nodes' ranks j (dense: G all-reduced)
+            estimate of shard j (state staged for the commit); all-gather in the node → ``g_in``
+
+        The inter-node exchange and the all-gather are launched from callbacks, each phase through its
+        own :class:`~commopt.hierarchy.LaunchChain` and process group, so every rank issues them in
+        bucket order whatever order its collectives complete in."""
+        H = self.nodes
+        assert H is not None and self.inter_exchange is not None
+        L, N, d, sh = H.L, H.N, blk.d, blk.unit
+        sdt, step, fb, scale = _state_dtype(g_in.dtype), self.step, self.feedback, self._scale()
+        compressed = compressed and N > 1  # one node: nothing crosses a slow link, the node's mean is exact
+        names = self.slot_names
+        if compressed:
+            k, kind = self.k_at(blk, step)
+        else:
+            k, kind = sh, "dense"
+            if names and not blk.slots:
+                blk.slots = {name: torch.zeros(sh, dtype=sdt, device=g_in.device) for name in names}
+        if g_in.is_contiguous() and d == L * sh:
+            src = g_in
+        else:
+            src = torch.zeros(L * sh, dtype=g_in.dtype, device=g_in.device)
+            src[:d].copy_(g_in)
+        where = f"on rank {self.rank} of {self.world_size} (node {H.node} of {N}, local rank {H.local} of {L})"
+        if H.scatter_has_future:
+            part = torch.empty(sh, dtype=g_in.dtype, device=g_in.device)
+            rs = dist.reduce_scatter_tensor(part, src, group=H.scatter, async_op=True)
+            collective = "reduce_scatter_tensor"
+        else:  # gloo's reduce-scatter has no future: all-reduce the node's bucket and keep shard j
+            summed = src.clone()
+            rs = dist.all_reduce(summed, group=H.scatter, async_op=True)
+            part = summed.narrow(0, H.local * sh, sh)
+            collective = "all_reduce (for a reduce-scatter)"
+        scattered = _chained(rs, lambda: part, f"commopt: the intra-node {collective} of a bucket ({d} "
+                                               f"values, {g_in.dtype}) failed {where}")
+        inter_bytes = self.inter_exchange.message_bytes(kind, k, sh, g_in.dtype)
+        intra_bytes = intra_node_bytes(d, L, g_in.dtype.itemsize, H.scatter_has_future)
+        self._count(kind, inter_bytes + intra_bytes, d, g_in.dtype)
+        self.stats["bytes_inter_node"] += inter_bytes
+        self.stats["bytes_intra_node"] += intra_bytes
+        self.stats["compressed_rounds" if compressed else "dense_rounds"] += 1
+        held: dict = {}
+
+        def launch_inter() -> Future:
+            hold_on_current_stream([part, src])
+            g = unscaled(part, scale, sdt) / L  # the node's mean gradient on shard j, state units (part is kept)
+            held["g"] = g
+            if not compressed:
+                return self.inter_exchange.dense(part.clone())
+            out = compress(self.compressor, fb, blk.slots, g, k, step, blk.key, wire_dtype=g_in.dtype, scale=scale)
+            held["out"] = out
+            return self.inter_exchange.send(kind, out.idx, out.vals, sh, sdt)
+
+        exchanged = self._chains[0].after(scattered, launch_inter, g_in)
+
+        def launch_gather() -> Future:
+            total = exchanged.value()  # Σ over the N nodes' ranks j (compressed: of the messages)
+            if compressed:
+                out = held["out"]
+                hold_on_current_stream(out.tensors())
+                new, ok, est, mean = conclude(fb, blk.slots, out, total, N)
+                shard_est = write_estimate(est, ok, mean, scale, torch.empty_like(part))
+            else:
+                shard_est = total / (L * N)
+                new, ok, _ = dense_start(fb, held["g"], unscaled(total, scale, sdt) / L, N)
+                new = new if names else {}
+            self._stage(blk, ok, new, step)
+            full = torch.empty(L * sh, dtype=g_in.dtype, device=g_in.device)
+            ag = dist.all_gather_into_tensor(full, shard_est.to(g_in.dtype), group=H.gather, async_op=True)
+
+            def assemble() -> Tensor:
+                hold_on_current_stream([full])
+                return g_in.copy_(full[:d])
+
+            return _chained(ag, assemble, f"commopt: the intra-node all_gather_into_tensor of a bucket estimate "
+                                          f"({d} values, {g_in.dtype}) failed {where}")
+
+        return self._chains[1].after(exchanged, launch_gather, g_in)
 
     def _stage(self, blk: Block, ok: Tensor, new: dict[str, Tensor], step: int) -> None:
         """Keep a block's new state for the step's commit (``commit="step"``), or apply it now where ``ok``
@@ -514,13 +657,17 @@ class CompressionState:
         Reads the skipped-round counter (a synchronisation on accelerators): call it outside the hook."""
         params = {}
         for pid, (blk, off) in self._block_of.items():
-            if blk.slots:
+            if blk.slots and self.nodes is None:
                 numel = blk.numels[blk.pids.index(pid)]
                 params[pid] = {name: blk.slots[name][off:off + numel].detach().clone() for name in self.slot_names}
         blocks = [list(b.pids) for b in self.blocks().values()]
+        # node_size = L > 1: the state is this rank's shard of each block (it cannot be cut per parameter)
+        shards = None if self.nodes is None else [
+            {name: b.slots[name].detach().clone() for name in self.slot_names} if b.slots else None
+            for b in self.blocks().values()]
         stats = {k: dict(v) if isinstance(v, dict) else v for k, v in self.stats.items()}
         return {"version": STATE_VERSION, "rank": self.rank, "step": self.step, "dense_until": self.dense_until,
-                **self.config(), "blocks": blocks, "params": params,
+                **self.config(), "blocks": blocks, "params": params, "shards": shards,
                 "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()},
                 "stats": stats, "skipped_rounds": int(self._skipped),
                 # whether the last dense round was finite, still to be read when warm-up ends: without it
@@ -576,7 +723,16 @@ class CompressionState:
                     raise ValueError(f"checkpoint was made with {key} {sd.get(key)}, this run uses {mine[key]}")
             if on_world_size_change not in ("error", "reset"):
                 raise ValueError(f"on_world_size_change must be 'error' or 'reset', got {on_world_size_change!r}")
-            if sd["world_size"] != self.world_size:
+            saved_L = int(sd.get("node_size", 1))  # checkpoints before SPEC §8 are flat
+            if sd["world_size"] == self.world_size and saved_L != self.node_size:
+                if on_world_size_change != "reset":
+                    raise ValueError(
+                        f"checkpoint was saved with node_size {saved_L}, this run has node_size {self.node_size}: the "
+                        "error-feedback state belongs to a node's shard of each bucket and cannot be mapped; pass "
+                        "the same node_size, or on_world_size_change='reset' to restart it with dense rounds")
+                verdict["reset"] = (f"the checkpoint was saved with node_size {saved_L} and this run has "
+                                    f"{self.node_size} (on_world_size_change='reset')")
+            elif sd["world_size"] != self.world_size:
                 if on_world_size_change != "reset":
                     raise ValueError(
                         f"checkpoint was saved with world size {sd['world_size']}, this run has {self.world_size}: "
@@ -603,6 +759,19 @@ class CompressionState:
                 if any(not isinstance(t, Tensor) or t.numel() != numels[pid] for t in slots.values()):
                     raise ValueError(f"checkpoint is inconsistent: parameter {pid}'s state is not "
                                      f"{numels[pid]} values per slot")
+            shards = sd.get("shards")
+            if shards is not None:
+                if len(shards) != len(sd["blocks"]):
+                    raise ValueError("checkpoint is inconsistent: it holds shard state for "
+                                     f"{len(shards)} blocks and names {len(sd['blocks'])}")
+                for pids, slots in zip(sd["blocks"], shards):
+                    if slots is None:
+                        continue
+                    want = shard_size(sum(numels[int(pid)] for pid in pids), saved_L)
+                    if sorted(slots) != sorted(self.slot_names) or any(
+                            not isinstance(t, Tensor) or t.numel() != want for t in slots.values()):
+                        raise ValueError(f"checkpoint is inconsistent: a block's shard state is not "
+                                         f"{want} values in each of the slots {sorted(self.slot_names)}")
             if not isinstance(sd.get("stats", {}), dict):
                 raise ValueError("checkpoint is inconsistent: 'stats' is not a dict")
             for key in ("skipped_rounds", "dense_until"):
@@ -670,11 +839,15 @@ class CompressionState:
                                            device=self._skipped.device)
             numels = {int(pid): int(n) for pid, n in sd["numels"].items()}
             params = {int(pid): slots for pid, slots in sd["params"].items()}
+            shards = sd.get("shards")
             device = self._device
             for i, pids in enumerate(sd["blocks"]):
                 pids = tuple(int(pid) for pid in pids)
                 slots: dict[str, Tensor] = {}
-                if reset is None and self.slot_names and all(pid in params for pid in pids):
+                if reset is None and self.slot_names and shards is not None:
+                    if shards[i] is not None:
+                        slots = {n: shards[i][n].reshape(-1).clone().to(device) for n in self.slot_names}
+                elif reset is None and self.slot_names and all(pid in params for pid in pids):
                     slots = {n: torch.cat([params[pid][n].reshape(-1) for pid in pids]).to(device)
                              for n in self.slot_names}
                 blk = self._make_block(pids, tuple(numels[pid] for pid in pids), slots, device)
@@ -725,6 +898,8 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
     buf = bucket.buffer()
     if not state._step_futures:  # the first bucket of a step
         state._extend_warmup_if_it_overflowed()
+        for chain in state._chains:
+            chain.reset()
     plan = state._plan_for(bucket.index(), bucket.parameters(), buf)
     dense = state.in_warmup()
     futures = []

@@ -21,6 +21,15 @@ def topk_mask(x: np.ndarray, k: int) -> np.ndarray:
     return mask
 
 
+def segment_topk_mask(x: np.ndarray, segments: "list[tuple[int, int, int]]") -> np.ndarray:
+    """TopK applied separately to each segment (start, length, k) of x: blockwise compression, e.g.
+    the L shards of every bucket under hierarchical compression (SPEC §8)."""
+    mask = np.zeros(x.size, dtype=bool)
+    for start, length, k in segments:
+        mask[start:start + length] = topk_mask(x[start:start + length], k)
+    return mask
+
+
 def compress(x: np.ndarray, mask: np.ndarray, scale: float = 1.0) -> np.ndarray:
     return np.where(mask, x * scale, 0.0)
 
@@ -80,11 +89,13 @@ class Rule:
 
 def simulate(grad_fns: list[Callable[[np.ndarray], np.ndarray]], x0: np.ndarray, lr: float, steps: int,
              rule: str, k: int, compressor: str = "topk", warmup: int = 0, beta: float = 0.1,
-             eta: float = 0.0, rand_index: Optional[Callable[[int], np.ndarray]] = None) -> list[np.ndarray]:
+             eta: float = 0.0, rand_index: Optional[Callable[[int], np.ndarray]] = None,
+             segments: "Optional[list[tuple[int, int, int]]]" = None) -> list[np.ndarray]:
     """Gradient descent of n workers (one per rank) through compression + feedback; returns the iterates.
 
     ``warmup`` dense rounds first (each re-initialises the state as the hook does);
-    ``rand_index(step)`` gives RandK's shared indices.
+    ``rand_index(step)`` gives RandK's shared indices; ``segments`` ((start, length, k) triples) makes
+    TopK blockwise, ``k`` then unused.
     """
     n, d = len(grad_fns), x0.size
     fb = Rule(rule, n, d, beta=beta, eta=eta)
@@ -101,7 +112,7 @@ def simulate(grad_fns: list[Callable[[np.ndarray], np.ndarray]], x0: np.ndarray,
         else:
             if compressor == "topk":
                 inputs = _inputs(fb, grads)
-                masks = [topk_mask(p, k) for p in inputs]
+                masks = [topk_mask(p, k) if segments is None else segment_topk_mask(p, segments) for p in inputs]
             else:
                 mask = np.zeros(d, dtype=bool)
                 mask[rand_index(t)] = True

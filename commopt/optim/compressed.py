@@ -15,6 +15,7 @@ from ..compressors import Compressor
 from .. import kernels
 from ..consistency import assert_bitwise_same, build_consistently
 from ..feedback import Feedback
+from ..hierarchy import NodeGroups, agree_node_size
 from ..hook import CompressionState, compression_hook, refuse_python_reducer, stepping_grad_scaler
 from .wrapper import WrappedOptimizer
 
@@ -76,6 +77,13 @@ class CompressedOptimizer(WrappedOptimizer):
             density decaying geometrically from ``start_density`` to the compressor's
             (Deep Gradient Compression's warm-up, Lin et al. 2018), e.g. ``(0.25, 100)``;
             ``None``: the compressor's density from the first compressed round.
+        node_size: ranks per node, consecutive ranks forming a node (SPEC §8). ``None`` or 1: the
+            flat algorithm. An integer L > 1, or ``"auto"`` (the launcher's ``LOCAL_WORLD_SIZE``,
+            ``SLURM_NTASKS_PER_NODE`` or MPI local size): hierarchical compression: a dense
+            reduce-scatter inside the node, the feedback rule and compression of the node's shard
+            with the N = n/L nodes as workers, the exchange across nodes among the ranks of the same
+            local rank, a dense all-gather inside the node. Feedback memory per rank is 1/L of the
+            bucket and inter-node bytes L× fewer than flat. The world size must be a multiple of L.
 
     Checkpoints (:meth:`state_dict` / :meth:`load_state_dict`) have torch.optim's shape, with
     commopt's state under the extra key ``"commopt"``; ``load_state_dict`` is a collective that
@@ -96,6 +104,7 @@ class CompressedOptimizer(WrappedOptimizer):
         on_world_size_change: str = "error",
         commit: str = "step",
         density_warmup: "tuple[float, int] | None" = None,
+        node_size: "int | str | None" = None,
     ) -> None:
         if not isinstance(ddp_model, DistributedDataParallel):
             raise TypeError(
@@ -106,6 +115,10 @@ class CompressedOptimizer(WrappedOptimizer):
         super().__init__(optimizer)
         group = process_group if process_group is not None else ddp_model.process_group
         self.process_group = group
+        # SPEC §8: agreed on every rank and its process groups built (collectives) before anything can fail
+        # on one rank only
+        L = agree_node_size(node_size, group)
+        nodes = NodeGroups.build(L, group) if L > 1 else None
 
         def build() -> tuple[CompressionState, dict]:
             refuse_python_reducer(ddp_model)
@@ -122,7 +135,7 @@ class CompressedOptimizer(WrappedOptimizer):
             track = bool(getattr(ddp_model, "find_unused_parameters", False) or getattr(ddp_model, "static_graph", False))
             state = CompressionState(compressor, feedback, group, warmup_steps, model=ddp_model.module,
                                      grad_scaler=grad_scaler, commit=commit, track_unused=track,
-                                     density_warmup=density_warmup)
+                                     density_warmup=density_warmup, node_size=L, node_groups=nodes)
             device = next(iter(ddp_model.module.parameters())).device
             # the kernel path (SPEC §10): the same messages either way, but ranks still agree on it
             config = {**state.config(), "kernels": kernels.path_name(device),
@@ -200,15 +213,22 @@ class CompressedOptimizer(WrappedOptimizer):
         SPEC §3 ring formulas; ``bytes_dense``: what dense all-reduce would have moved;
         ``collective``: the exchange(s) that ran (``gather``, ``shared``, ``dense``);
         ``collectives``: calls per exchange; ``dense_rounds``/``compressed_rounds``: bucket rounds; ``skipped_rounds``: rounds
-        whose average was non-finite (state left untouched).
+        whose average was non-finite (state left untouched). ``bytes_inter_node`` / ``bytes_intra_node``: of
+        ``bytes_sent``, what crossed between nodes and what stayed inside one (SPEC §8 formulas) under
+        ``node_size`` = L > 1; the flat algorithm does not know the placement and counts every byte as
+        inter-node. ``node_size``: L (1: flat).
         """
         st = self.hook_state.stats
+        flat = self.hook_state.nodes is None
         names = sorted(st["collectives"], key=lambda c: (c == "dense", c))
         compressed = [c for c in names if c != "dense"] or names
         return {
             "steps": st["steps"],
             "bytes_sent": int(round(st["bytes_sent"])),
             "bytes_dense": int(round(st["bytes_dense"])),
+            "bytes_inter_node": int(round(st["bytes_sent"] if flat else st.get("bytes_inter_node", 0.0))),
+            "bytes_intra_node": 0 if flat else int(round(st.get("bytes_intra_node", 0.0))),
+            "node_size": self.hook_state.node_size,
             "collective": "+".join(compressed) if compressed else "none",
             "collectives": dict(st["collectives"]),
             "dense_rounds": st["dense_rounds"],
@@ -221,7 +241,7 @@ class CompressedOptimizer(WrappedOptimizer):
 
     def verify_replicated_state(self) -> None:
         """Raise ``RuntimeError`` unless the replicated state (w, h) is bitwise identical on all ranks."""
-        assert_bitwise_same(self.hook_state.replicated_checksum(), self.process_group,
+        assert_bitwise_same(self.hook_state.replicated_checksum(), self.hook_state.replica_group,
                             what="replicated error-feedback state")
 
     # -- checkpoints in torch.optim's shape (see WrappedOptimizer) -------------------------------------
