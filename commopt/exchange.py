@@ -13,6 +13,12 @@ feedback rule is running.
 
 (s = bytes per value, s_idx = 4, or 8 for float64 values.) Sums of gathered
 messages are taken in rank order, so every rank gets bitwise the same result.
+
+Compact messages (SPEC §9): a ``gather`` given a :class:`~commopt.codecs.Packed` message all-gathers its
+bytes (one uint8 buffer per rank: chunk-local int16 or int32 indices, value codes, fp32 scales), decodes
+every row and sums the decoded rows in rank order; it then receives (n−1)·``WireFormat.nbytes(k, d, s)``.
+``dense`` and ``shared`` exchanges carry the decoded values as floats in the wire dtype (sums of low-bit
+codes overflow), so their bytes do not change.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from torch import Tensor
 from torch.futures import Future
 
 from . import kernels
+from .codecs import Packed, WireFormat
 from .round import hold_on_current_stream
 
 __all__ = ["CollectiveError", "Deferred", "Exchange", "unwrapped", "choose_exchange", "ordered_sum", "ring_allreduce_bytes", "allgather_bytes"]
@@ -115,12 +122,14 @@ class Exchange:
         self.n = dist.get_world_size(group)
 
     def send(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
-             out: Optional[Tensor] = None) -> Future:
+             out: Optional[Tensor] = None, packed: Optional[Packed] = None) -> Future:
         """Move one fixed-size message by the exchange ``kind``; a future of Σ_ranks as a dense vector.
 
         ``out`` (optional, [d] of ``out_dtype``): where the dense sum is written, e.g. the DDP bucket
-        itself, once the caller no longer needs its contents; it saves one bucket-sized buffer."""
-        return _chained(*self._launch(kind, idx, vals, d, out_dtype, out), self._what(kind, vals, d))
+        itself, once the caller no longer needs its contents; it saves one bucket-sized buffer.
+        ``packed`` (optional, :attr:`commopt.round.Outgoing.packed`): the compact message a ``gather``
+        moves instead of (vals, idx); the sum is the same (the decoded values are ``vals``)."""
+        return _chained(*self._launch(kind, idx, vals, d, out_dtype, out, packed), self._what(kind, vals, d))
 
     def dense(self, x: Tensor) -> Future:
         """All-reduce (sum) of x in place; the future holds x."""
@@ -133,22 +142,25 @@ class Exchange:
                 f"{vals.dtype}) failed on rank {dist.get_rank(self.group)} of {self.n}")
 
     def start(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
-              out: Optional[Tensor] = None) -> "Deferred":
+              out: Optional[Tensor] = None, packed: Optional[Packed] = None) -> "Deferred":
         """:meth:`send` whose sum is formed by the thread that waits for it (``Deferred.wait``), not by a
         callback on the backend's thread. For exchanges waited on outside DDP (CO2's outer round): one
         still in flight when the process group is destroyed or the process exits is simply abandoned,
         whereas a pending ``.then()`` callback would run on a gloo thread during interpreter shutdown and
         abort the process (``terminate called without an active exception``)."""
-        work, finish = self._launch(kind, idx, vals, d, out_dtype, out)
+        work, finish = self._launch(kind, idx, vals, d, out_dtype, out, packed)
         return Deferred(work, finish, self._what(kind, vals, d))
 
     def _launch(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
-                out: Optional[Tensor]) -> "tuple[dist.Work, Callable[[], Tensor]]":
+                out: Optional[Tensor], packed: Optional[Packed] = None
+                ) -> "tuple[dist.Work, Callable[[], Tensor]]":
         """Launch the collective of ``kind``; returns its work and the function that, once the work has
         completed, forms the dense sum."""
         if out is not None and (out.dtype != out_dtype or out.numel() != d):
             out = None
         if kind == "gather":
+            if packed is not None:
+                return self._gather_packed(packed, d, out_dtype, out)
             return self._gather(idx, vals, d, out_dtype, out)
         if kind == "shared":
             return self._shared(idx, vals, d, out_dtype, out)
@@ -196,14 +208,35 @@ class Exchange:
 
         return work, summed
 
-    def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype) -> float:
-        """Bytes this rank receives for one message of the given kind (SPEC §3 formulas)."""
+    def _gather_packed(self, packed: Packed, d: int, out_dtype: torch.dtype, out: Optional[Tensor] = None
+                       ) -> "tuple[dist.Work, Callable[[], Tensor]]":
+        """All-gather of one compact message (uint8) per rank; every row decoded, ordered sum (SPEC §9)."""
+        send = packed.data
+        width = send.numel()
+        recv = torch.empty(self.n * width, dtype=torch.uint8, device=send.device)
+        work = _all_gather_single(recv, send, group=self.group, async_op=True)
+
+        def summed() -> Tensor:
+            hold_on_current_stream([recv, send])
+            rows = recv.view(self.n, width)
+            msgs = [packed.decode(rows[r]) for r in range(self.n)]
+            return ordered_sum(msgs, d, out_dtype, recv.device, out)
+
+        return work, summed
+
+    def message_bytes(self, kind: str, k: int, d: int, value_dtype: torch.dtype,
+                      wire: Optional[WireFormat] = None) -> float:
+        """Bytes this rank receives for one message of the given kind (SPEC §3 formulas). ``wire``: the
+        compressor's wire format (``compressor.wire``; None: today's), which changes a ``gather``'s message
+        to (n−1)·``wire.nbytes(k, d, value_dtype)`` (SPEC §9); ``dense``/``shared`` carry floats either way."""
         s = value_dtype.itemsize
         if kind == "dense":
             return ring_allreduce_bytes(d, s, self.n)
         if kind == "shared":
             return ring_allreduce_bytes(k, s, self.n)
         if kind == "gather":
+            if wire is not None and not wire.default:
+                return allgather_bytes(1, wire.nbytes(k, d, value_dtype), self.n)
             s_idx = index_dtype(value_dtype).itemsize
             return allgather_bytes(k, s + s_idx, self.n)
         raise ValueError(f"unknown exchange {kind!r}")

@@ -8,6 +8,7 @@ and the single-process simulation (:mod:`commopt.simulate`) all run a round as::
     p        = p · used                                parameters this rank did not use this step send nothing
     idx      = compressor.select(p, k, step, key)      fixed size k (shared indices: mapped to bucket order)
     vals     = compressor.values(p, idx) · s           NaN everywhere if g is not finite, so every rank skips
+    packed, vals = compressor.encode(idx, vals, d)     SPEC §9 compact message: vals become Q(vals), decoded
     ---------  total = Σ_ranks message                 (exchange.py: all-gather + ordered sum, or all-reduce)
     mean     = total / n / s
     new      = feedback.update(state, g, p, aux, idx, vals / s, mean)   the rank's own message as sent
@@ -29,6 +30,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .codecs import Packed
 from .compressors import Compressor
 from .feedback import Feedback
 
@@ -75,20 +77,27 @@ def hold_on_current_stream(tensors: "list[Tensor]") -> None:
 
 @dataclass
 class Outgoing:
-    """A rank's half-finished round: the message (idx, vals) and what :func:`conclude` needs."""
+    """A rank's half-finished round: the message (idx, vals) and what :func:`conclude` needs.
+
+    With a compact wire format (SPEC §9) ``packed`` holds the bytes that travel (the exchange all-gathers
+    them) and ``vals`` the values every rank decodes from them; the sum of the messages (idx, vals) is
+    therefore what the exchange forms, and :mod:`commopt.simulate` needs no knowledge of the format."""
 
     g: Tensor                      # the (unscaled) local gradient, state dtype
     p: Optional[Tensor]            # the compressed vector (masked where unused); None if update does not read it
     aux: State                     # the rule's intermediates (e.g. EF21-SGDM's v, EControl's q)
     idx: Tensor                    # int64 [k], positions in the bucket
-    vals: Tensor                   # [k], what travels: the wire dtype, times the loss scale if there is one
+    vals: Tensor                   # [k], as every rank receives them (decoded): the wire dtype, times the loss scale
     own: Tensor                    # [k], this rank's message as the others receive it, in state units
     used: Optional[Tensor] = None  # bool [d] or None (every parameter used)
     scale: Optional[Tensor] = None  # the loss scale the wire values carry (None: unscaled)
+    packed: Optional[Packed] = None  # the compact message that travels in a gather (None: today's format)
 
     def tensors(self) -> list[Tensor]:
         """Every tensor the round reads after the exchange (for :func:`hold_on_current_stream`)."""
         out = [self.g, self.idx, self.vals, self.own, *self.aux.values()]
+        if self.packed is not None:
+            out.append(self.packed.data)
         if self.p is not None:
             out.append(self.p)
         if self.scale is not None:
@@ -129,11 +138,14 @@ def compress(compressor: Compressor, feedback: Feedback, state: State, g: Tensor
         vals = vals.to(wire_dtype)
     # a non-finite local gradient poisons the message, so every rank sees it and skips the step
     vals = torch.where(finite(g), vals, torch.full_like(vals, float("nan")))
+    # SPEC §9: the compact message and its decoded values (which stay non-finite when poisoned); the
+    # feedback rules then see the dequantized message as m_i, so the quantization error is fed back
+    packed, vals = compressor.encode(idx, vals, d)
     own = vals.to(p.dtype)
     if scale is not None:
         own = own / scale.to(p.dtype)
     return Outgoing(g=g, p=p if feedback.update_reads_p else None, aux=aux, idx=idx, vals=vals, own=own,
-                    used=used, scale=scale)
+                    used=used, scale=scale, packed=packed)
 
 
 def conclude(feedback: Feedback, state: State, out: Outgoing, total: Tensor, n: int

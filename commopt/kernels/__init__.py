@@ -31,7 +31,7 @@ __all__ = ["ops", "mode", "path_name", "describe", "self_check", "OP_NAMES", "To
 
 MODES = ("auto", "torch", "opencl")
 #: the ops of a kernel path, each checked on first use
-OP_NAMES = ("topk", "randk", "gather", "scatter_add_", "ordered_sum", "ef14_input", "ef21_input",
+OP_NAMES = ("topk", "topk_chunked", "randk", "gather", "scatter_add_", "ordered_sum", "ef14_input", "ef21_input",
             "sgdm_input", "econtrol_input")
 
 _REFERENCE = TorchOps()
@@ -151,6 +151,8 @@ def self_check(device_ops: Any, dev: torch.device) -> "dict[str, str]":
     idx = ref.topk(x, 50)
     cases = {
         "topk": lambda o: tuple(o.topk(x, k) for k in (1, 50, 601, 4999)),
+        "topk_chunked": lambda o: tuple(o.topk_chunked(x, c, kf, kl) for c, kf, kl in
+                                        ((256, 3, 1), (1000, 10, 1), (4096, 41, 9), (8192, 50, 50))),
         "randk": lambda o: tuple(o.randk(n, k, seed, dev) for n, k, seed in
                                  ((5000, 50, 7), (5000, 1, (1 << 62) + 5), (4999, 1700, 3))),
         "gather": lambda o: o.gather(x, idx),

@@ -138,6 +138,11 @@ class DeviceOps:
         L.done()
         return idx
 
+    def topk_chunked(self, x: Tensor, chunk: int, k_full: int, k_last: int) -> Tensor:
+        """Chunked TopK (SPEC §9): no kernel of its own yet; the reference op (a batched top-k over the
+        rows of a [d // chunk, chunk] view, already fast on a GPU)."""
+        return self.ref.topk_chunked(x, chunk, k_full, k_last)
+
     # -- RandK -------------------------------------------------------------------------------------
     @_one_at_a_time
     def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:

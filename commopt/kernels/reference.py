@@ -57,6 +57,19 @@ def _topk_exact(x: Tensor, k: int) -> Tensor:
     return cand.index_select(0, torch.topk(mag_keys(x.index_select(0, cand), cand), k, sorted=False).indices)
 
 
+def _topk(x: Tensor, k: int) -> Tensor:
+    """:meth:`TorchOps.topk` (also the last chunk of :meth:`TorchOps.topk_chunked`)."""
+    d = x.numel()
+    if k >= d:
+        return torch.arange(d, device=x.device)
+    if x.dtype == torch.float64:
+        # 64-bit floats do not fit beside an index in one key: a stable descending sort keeps the
+        # lowest index first among equal magnitudes (NaN sorts as the largest)
+        order = torch.sort(x.abs(), descending=True, stable=True).indices[:k]
+        return torch.sort(order).values
+    return torch.sort(_topk_exact(x, k)).values
+
+
 def _mix32(x: Tensor) -> Tensor:
     """csrc/randk.cu's mix32 on int64 tensors holding 32-bit values."""
     x = x ^ (x >> 16)
@@ -84,15 +97,34 @@ class TorchOps:
 
     def topk(self, x: Tensor, k: int) -> Tensor:
         """Indices (int64, increasing) of the k largest |x|; ties to the lowest index, NaN above inf."""
+        return _topk(x, k)
+
+    def topk_chunked(self, x: Tensor, chunk: int, k_full: int, k_last: int) -> Tensor:
+        """Chunked TopK (SPEC §9): indices (int64, increasing) of the ``k_full`` largest |x| of every full
+        chunk of ``chunk`` entries and the ``k_last`` largest of the shorter last chunk (if d % chunk),
+        each chunk by :meth:`topk`'s rule (ties to the lowest index, NaN above inf). The full chunks are
+        one batched selection over the rows of a [d // chunk, chunk] view; the last chunk, which could be
+        a padded row that never wins, is selected on its own instead (the same result)."""
         d = x.numel()
-        if k >= d:
-            return torch.arange(d, device=x.device)
-        if x.dtype == torch.float64:
-            # 64-bit floats do not fit beside an index in one key: a stable descending sort keeps the
-            # lowest index first among equal magnitudes (NaN sorts as the largest)
-            order = torch.sort(x.abs(), descending=True, stable=True).indices[:k]
-            return torch.sort(order).values
-        return torch.sort(_topk_exact(x, k)).values
+        x = x.reshape(-1)
+        nfull, rem = divmod(d, chunk)
+        parts = []
+        if nfull:
+            if k_full >= chunk:
+                parts.append(torch.arange(nfull * chunk, device=x.device))
+            else:
+                body = x[: nfull * chunk]
+                if x.dtype == torch.float64:
+                    # as topk: a stable descending sort keeps the lowest index first among equal magnitudes
+                    order = torch.sort(body.abs().view(nfull, chunk), dim=1, descending=True,
+                                       stable=True).indices[:, :k_full]
+                else:
+                    order = torch.topk(mag_keys(body).view(nfull, chunk), k_full, dim=1, sorted=False).indices
+                starts = torch.arange(0, nfull * chunk, chunk, device=x.device, dtype=torch.int64)
+                parts.append((torch.sort(order, dim=1).values + starts[:, None]).reshape(-1))
+        if rem:
+            parts.append(_topk(x[nfull * chunk:], k_last) + nfull * chunk)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def randk(self, d: int, k: int, seed: int, device: "torch.device | str") -> Tensor:
         """RandK's indices (int64, increasing) from the counter-based stratified rule."""
