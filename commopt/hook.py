@@ -584,12 +584,15 @@ class CompressionState:
                 shard_est = total / (L * N)
                 new, ok, _ = dense_start(fb, held["g"], unscaled(total, scale, sdt) / L, N)
                 new = new if names else {}
-            self._stage(blk, ok, new, step)
             full = torch.empty(L * sh, dtype=g_in.dtype, device=g_in.device)
             ag = dist.all_gather_into_tensor(full, shard_est.to(g_in.dtype), group=H.gather, async_op=True)
 
             def assemble() -> Tensor:
                 hold_on_current_stream([full])
+                # ok of the whole bucket, the same on every rank (a non-finite gradient on one rank spoils
+                # only its shards' means; the all-gathered estimate carries them to every rank), so that
+                # every rank keeps or skips the step's state alike, as in the flat path
+                self._stage(blk, ok & finite(full), new, step)
                 return g_in.copy_(full[:d])
 
             return _chained(ag, assemble, f"commopt: the intra-node all_gather_into_tensor of a bucket estimate "

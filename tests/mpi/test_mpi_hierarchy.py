@@ -301,3 +301,38 @@ def test_flat_warns_when_the_all_gather_stops_paying(world, monkeypatch):
     assert len(msgs) == 1, msgs
     assert math.isclose(opt.comm_stats()["bytes_inter_node"], opt.comm_stats()["bytes_sent"])
     dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("rule", ["ef14", "econtrol"])
+def test_non_finite_gradient_on_one_rank_leaves_every_state_untouched(world, rule):
+    """A NaN in one coordinate on one rank spoils one shard's node mean; every rank still sees a
+    non-finite average (so GradScaler skips the step everywhere) and keeps all its state, as flat."""
+    _layout(world)
+    a, b, _, _, _ = e2_problem(n=world.size, d=D)
+    model = SplitQuadratic()
+    ddp = DDP(model, bucket_cap_mb=1e-6)
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=LR), commopt.TopK(k=1), rule,
+                                      warmup_steps=WARMUP, node_size=L)
+    ai, bi = float(a[world.rank]), torch.tensor(b[world.rank], dtype=torch.float64)
+    for t in range(12):
+        before = {(i, name): v.clone() for i, blk in opt.hook_state.blocks().items() for name, v in blk.slots.items()}
+        bt = bi.clone()
+        if t == 8 and world.rank == 1:
+            bt[2] = float("nan")
+        opt.zero_grad()
+        ddp(ai, bt).backward()
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+        if t == 8:
+            assert not finite, f"rank {world.rank} saw a finite average after rank 1's NaN"
+            after = opt.hook_state.blocks()
+            for (i, name), old in before.items():
+                assert torch.equal(after[i].slots[name], old), f"rank {world.rank}: {name} of block {i} changed"
+        else:
+            assert finite
+            opt.step()
+    opt.verify_replicated_state()
+    assert differing_params(model.parameters()) == []
+    assert opt.comm_stats()["skipped_rounds"] == 1
+    dist.barrier()
