@@ -308,9 +308,11 @@ class OuterExchange:
         out = compress(self.compressor, fb, self.slots, g, self._k, round_index, 0, wire_dtype=self.wire_dtype)
         self.stats["compressed_rounds"] += 1
         # one process: the sum over one rank is the message itself
-        fut = (self._exchange.start(self.kind, out.idx, out.vals, self.numel, self.state_dtype)
+        # a compact compressor (SPEC §9) sends out.packed in a gather; out.vals are its decoded values
+        fut = (self._exchange.start(self.kind, out.idx, out.vals, self.numel, self.state_dtype, packed=out.packed)
                if self._exchange is not None else None)
-        nbytes = (self._exchange.message_bytes(self.kind, self._k, self.numel, self.wire_dtype)
+        nbytes = (self._exchange.message_bytes(self.kind, self._k, self.numel, self.wire_dtype,
+                                               wire=self.compressor.wire)
                   if self._exchange is not None else 0.0)
         self._count(self.kind, nbytes)
         self._pending = {"kind": "compressed", "out": out}
