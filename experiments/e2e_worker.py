@@ -215,7 +215,7 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
         return opt, lambda step: ring_allreduce_bytes(d, 4, n) if (
             step < spec["warmup"] or (step - spec["warmup"]) % spec["period"] == 0) else 0.0
     if kind == "compressed":
-        extra = {k: spec[k] for k in ("warmup_steps",) if k in spec}
+        extra = {k: spec[k] for k in ("warmup_steps", "node_size") if k in spec}
         if "density_warmup" in spec:
             extra["density_warmup"] = tuple(spec["density_warmup"])
         fb = spec["feedback"]

@@ -42,7 +42,8 @@ timeout = datetime.timedelta(seconds=float(os.environ.get("PG_TIMEOUT", "20")))
 
 info = commopt.init_distributed(backend="gloo", timeout=timeout)
 r = info.rank
-print(f"rank {r}/{info.world_size} launcher {info.launcher} up t={time.time():.3f}", flush=True)
+print(f"rank {r}/{info.world_size} launcher {info.launcher} kernels {commopt.kernels.path_name(info.device)} "
+      f"up t={time.time():.3f}", flush=True)
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 256), torch.nn.Tanh(),
                             torch.nn.Linear(256, 8))
