@@ -499,8 +499,9 @@ class CompressionState:
         # the feedback rules need only p and aux after this point, so the sum can go into the bucket itself
         # (when it is already in the state dtype and unscaled): one bucket-sized buffer less
         into = g_in if (scale is None and g_in.dtype == sdt and g_in.is_contiguous()) else None
-        fut = self.exchange.send(kind, out.idx, out.vals, blk.d, sdt, out=into)
-        self._count(kind, self.exchange.message_bytes(kind, k, blk.d, g_in.dtype), blk.d, g_in.dtype)
+        fut = self.exchange.send(kind, out.idx, out.vals, blk.d, sdt, out=into, packed=out.packed)
+        self._count(kind, self.exchange.message_bytes(kind, k, blk.d, g_in.dtype, self.compressor.wire), blk.d,
+                    g_in.dtype)
         self.stats["compressed_rounds"] += 1
 
         @unwrapped
@@ -553,7 +554,8 @@ class CompressionState:
             collective = "all_reduce (for a reduce-scatter)"
         scattered = _chained(rs, lambda: part, f"commopt: the intra-node {collective} of a bucket ({d} "
                                                f"values, {g_in.dtype}) failed {where}")
-        inter_bytes = self.inter_exchange.message_bytes(kind, k, sh, g_in.dtype)
+        inter_bytes = self.inter_exchange.message_bytes(kind, k, sh, g_in.dtype,
+                                                        self.compressor.wire if compressed else None)
         intra_bytes = intra_node_bytes(d, L, g_in.dtype.itemsize, H.scatter_has_future)
         self._count(kind, inter_bytes + intra_bytes, d, g_in.dtype)
         self.stats["bytes_inter_node"] += inter_bytes
@@ -569,7 +571,7 @@ class CompressionState:
                 return self.inter_exchange.dense(part.clone())
             out = compress(self.compressor, fb, blk.slots, g, k, step, blk.key, wire_dtype=g_in.dtype, scale=scale)
             held["out"] = out
-            return self.inter_exchange.send(kind, out.idx, out.vals, sh, sdt)
+            return self.inter_exchange.send(kind, out.idx, out.vals, sh, sdt, packed=out.packed)
 
         exchanged = self._chains[0].after(scattered, launch_inter, g_in)
 
