@@ -226,6 +226,10 @@ def get_batch(data: torch.Tensor, batch_size: int, block_size: int, *key: object
 # ------------------------------------------------------------------------------------------- run
 
 
+def _node_size(value: "str | None") -> "int | str | None":
+    return value if value in (None, "auto") else int(value)
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -233,6 +237,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compressor", default="topk:0.01", help="CompressedOptimizer's compressor")
     p.add_argument("--feedback", default="econtrol", help="CompressedOptimizer's error feedback")
     p.add_argument("--warmup-steps", type=int, default=2, help="CompressedOptimizer's dense steps first")
+    p.add_argument("--node-size", default=None, help="CompressedOptimizer's node_size: ranks per node (an "
+                   "integer, or 'auto'); compresses only between nodes (SPEC §8)")
     p.add_argument("--tau", type=int, default=12, help="CO2: local steps per round")
     p.add_argument("--mkor-update-every", type=int, default=10)
     p.add_argument("--mkor-skip", default="", help="comma-separated layer names MKOR leaves alone (e.g. lm_head)")
@@ -315,7 +321,8 @@ def build_optimizer(args, ddp: DDP, base: torch.optim.Optimizer, scaler: torch.a
         return base
     if args.opt == "compressed":
         return commopt.CompressedOptimizer(ddp, base, compressor=args.compressor, feedback=args.feedback,
-                                           warmup_steps=args.warmup_steps, grad_scaler=scaler)
+                                           warmup_steps=args.warmup_steps, grad_scaler=scaler,
+                                           node_size=_node_size(args.node_size))
     if args.opt == "co2":
         # CO2 registers its own no-communication comm hook on the DDP model, so backward() never
         # all-reduces; the inner AdamW steps locally and every tau steps the round's displacement
