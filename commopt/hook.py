@@ -40,7 +40,7 @@ from torch.futures import Future
 
 from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
-from .exchange import Exchange, _chained, choose_exchange, unwrapped
+from .exchange import Exchange, _all_gather_single, _chained, choose_exchange, unwrapped
 from .hierarchy import LaunchChain, NodeGroups, agree_node_size, intra_node_bytes, local_world_size, shard_key, shard_size
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start, finite, hold_on_current_stream, unscaled, write_estimate
@@ -61,6 +61,9 @@ def _drain_at_exit() -> None:
             state.abandon_in_flight()
         except Exception:  # noqa: BLE001 - never fail at exit
             pass
+
+
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -545,7 +548,7 @@ class CompressionState:
         where = f"on rank {self.rank} of {self.world_size} (node {H.node} of {N}, local rank {H.local} of {L})"
         if H.scatter_has_future:
             part = torch.empty(sh, dtype=g_in.dtype, device=g_in.device)
-            rs = dist.reduce_scatter_tensor(part, src, group=H.scatter, async_op=True)
+            rs = _reduce_scatter_single(part, src, group=H.scatter, async_op=True)
             collective = "reduce_scatter_tensor"
         else:  # gloo's reduce-scatter has no future: all-reduce the node's bucket and keep shard j
             summed = src.clone()
@@ -587,7 +590,7 @@ class CompressionState:
                 new, ok, _ = dense_start(fb, held["g"], unscaled(total, scale, sdt) / L, N)
                 new = new if names else {}
             full = torch.empty(L * sh, dtype=g_in.dtype, device=g_in.device)
-            ag = dist.all_gather_into_tensor(full, shard_est.to(g_in.dtype), group=H.gather, async_op=True)
+            ag = _all_gather_single(full, shard_est.to(g_in.dtype), group=H.gather, async_op=True)
 
             def assemble() -> Tensor:
                 hold_on_current_stream([full])
