@@ -119,7 +119,12 @@ class TorchOps:
                     order = torch.sort(body.abs().view(nfull, chunk), dim=1, descending=True,
                                        stable=True).indices[:, :k_full]
                 else:
-                    order = torch.topk(mag_keys(body).view(nfull, chunk), k_full, dim=1, sorted=False).indices
+                    # mag_keys with the chunk-local index (the same order within a row), built in place
+                    xf = body if body.dtype == torch.float32 else body.to(torch.float32)
+                    keys = xf.contiguous().view(torch.int32).to(torch.int64).bitwise_and_(0x7FFFFFFF)
+                    rev = _M32 - torch.arange(chunk, device=x.device, dtype=torch.int64)
+                    keys = keys.view(nfull, chunk).bitwise_left_shift_(32).bitwise_or_(rev)
+                    order = torch.topk(keys, k_full, dim=1, sorted=False).indices
                 starts = torch.arange(0, nfull * chunk, chunk, device=x.device, dtype=torch.int64)
                 parts.append((torch.sort(order, dim=1).values + starts[:, None]).reshape(-1))
         if rem:
