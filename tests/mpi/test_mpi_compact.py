@@ -9,10 +9,9 @@ Run: ``mpiexec -n 2 .venv/bin/python -m pytest --with-mpi tests/mpi/test_mpi_com
 The loss is separable over parameters (f_r = Σ_j ½‖a_r x_j − b_rj‖²), so each bucket's gradient depends on
 that bucket's parameters only and one single-bucket simulation per bucket reproduces the whole run.
 
-``hook="compact"`` runs the hook with the two calls SPEC §9 asks of it, ``exchange.send(..., packed=out.packed)``
-and ``exchange.message_bytes(..., wire=compressor.wire)``, emulated here where commopt.hook does not make them
-yet; ``hook="as_is"`` runs commopt.hook unchanged (then a hook that does not pass the packed message sends the
-decoded values in today's format: the same iterates, today's bytes; its byte check is an xfail that says so).
+The hook sends ``out.packed`` (``exchange.send(..., packed=out.packed)``) and counts
+``exchange.message_bytes(..., wire=compressor.wire)``; a spy on :meth:`Exchange.send` checks that every
+compressed round's gather moved the packed message.
 """
 
 from __future__ import annotations
@@ -25,9 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
-import commopt.hook as hook_mod
 from commopt.compressors import make_compressor
-from commopt.exchange import Exchange, allgather_bytes, ordered_sum, ring_allreduce_bytes
+from commopt.exchange import Exchange, ordered_sum, ring_allreduce_bytes
 from commopt.feedback import make_feedback
 from commopt.round import compress
 from commopt.simulate import simulate
@@ -62,32 +60,18 @@ def _problem(n: int) -> "tuple[list[float], list[list[torch.Tensor]]]":
     return a, b
 
 
-def _emulate_compact_hook(monkeypatch, comp) -> dict:
-    """Make commopt.hook pass ``packed=out.packed`` to the exchange and ``wire=compressor.wire`` to the byte
-    counter (the calls SPEC §9 asks of the hook), where it does not do so itself."""
-    real_compress, real_send, real_bytes = hook_mod.compress, Exchange.send, Exchange.message_bytes
-    outs: dict[int, object] = {}
-    used = {"packed_gathers": 0}
-
-    def compress_spy(*args, **kwargs):
-        out = real_compress(*args, **kwargs)
-        outs[id(out.vals)] = out
-        return out
+def _spy_on_gathers(monkeypatch) -> dict:
+    """Count the gathers :meth:`Exchange.send` is asked for, and those given a packed message."""
+    real_send = Exchange.send
+    seen = {"gathers": 0, "packed": 0}
 
     def send(self, kind, idx, vals, d, out_dtype, out=None, packed=None):
-        o = outs.pop(id(vals), None)
-        if packed is None and o is not None:
-            packed = o.packed
-        used["packed_gathers"] += int(kind == "gather" and packed is not None)
+        seen["gathers"] += int(kind == "gather")
+        seen["packed"] += int(kind == "gather" and packed is not None)
         return real_send(self, kind, idx, vals, d, out_dtype, out=out, packed=packed)
 
-    def message_bytes(self, kind, k, d, value_dtype, wire=None):
-        return real_bytes(self, kind, k, d, value_dtype, wire=comp.wire if wire is None else wire)
-
-    monkeypatch.setattr(hook_mod, "compress", compress_spy)
     monkeypatch.setattr(Exchange, "send", send)
-    monkeypatch.setattr(Exchange, "message_bytes", message_bytes)
-    return used
+    return seen
 
 
 def _train(world, spec: str, rule: str):
@@ -109,12 +93,11 @@ def _train(world, spec: str, rule: str):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(300, method="thread")
-@pytest.mark.parametrize("hook", ["compact", "as_is"])
 @pytest.mark.parametrize("rule", RULES)
-def test_compact_ddp_matches_simulate_bucket_by_bucket(world, monkeypatch, rule, hook):
+def test_compact_ddp_matches_simulate_bucket_by_bucket(world, monkeypatch, rule):
     n, r = world.size, world.rank
     comp = make_compressor(SPEC)
-    used = _emulate_compact_hook(monkeypatch, comp) if hook == "compact" else None
+    seen = _spy_on_gathers(monkeypatch)
     opt, model, x0, iterates, a, b = _train(world, SPEC, rule)
     drift = differing_replicated(opt) + [f"parameter {j}" for j in differing_params(model.parameters())]
     opt.verify_replicated_state()
@@ -124,7 +107,7 @@ def test_compact_ddp_matches_simulate_bucket_by_bucket(world, monkeypatch, rule,
     if rule in ("ef21", "ef21sgdm", "econtrol"):
         assert replicated_slots(opt)
 
-    worst, legacy, compact = 0.0, 0.0, 0.0
+    worst, compact = 0.0, 0.0
     for blk in blocks.values():
         assert blk.k == comp.num_selected(blk.d) and blk.exchange == "gather"
         parts = list(zip(blk.pids, blk.offsets(), blk.numels))
@@ -147,20 +130,15 @@ def test_compact_ddp_matches_simulate_bucket_by_bucket(world, monkeypatch, rule,
                              make_feedback(rule), warmup=WARMUP, key=blk.key)
             assert float((plain[-1] - want[WARMUP + 1]).abs().max()) > 1e-8
         dense = WARMUP * ring_allreduce_bytes(blk.d, 8, n)
-        legacy += dense + (STEPS - WARMUP) * allgather_bytes(blk.k, 8 + 8, n)
         compact += dense + (STEPS - WARMUP) * (n - 1) * comp.wire.nbytes(blk.k, blk.d, F64)
 
     assert drift == [], f"rank {r}: not bitwise identical across ranks: {drift}"
     assert worst <= 1e-10, f"rank {r}: max |x - x_sim| = {worst:.3e}"
     got = opt.comm_stats()["bytes_sent"]
     assert opt.comm_stats()["collective"] == "gather"
-    dist.barrier()
-    if hook == "as_is" and got == int(round(legacy)) != int(round(compact)):
-        pytest.xfail("commopt.hook does not pass packed=out.packed / wire=compressor.wire yet: "
-                     "the decoded values travel in today's format (same iterates, today's bytes)")
     assert got == int(round(compact)), f"rank {r}: comm_stats bytes {got}, the compact formula {compact:.0f}"
-    if used is not None:
-        assert used["packed_gathers"] == (STEPS - WARMUP) * len(blocks)
+    assert seen["gathers"] == seen["packed"] == (STEPS - WARMUP) * len(blocks)
+    dist.barrier()
 
 
 @pytest.mark.mpi(min_size=2)
