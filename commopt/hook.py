@@ -165,6 +165,10 @@ class CompressionState:
     ) -> None:
         self.compressor = make_compressor(compressor)
         self.density_warmup = check_density_warmup(density_warmup)
+        if self.density_warmup is not None and getattr(self.compressor.wire, "chunk", None) is not None:
+            raise ValueError(f"density_warmup={density_warmup!r} cannot be combined with a chunked TopK "
+                             f"({self.compressor.spec()}): a chunked message keeps a fixed k per chunk; drop chunk= "
+                             "during the warm-up or the density warm-up")
         self.feedback = make_feedback(feedback)
         self.feedback.check_compressor(self.compressor)
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:

@@ -133,3 +133,15 @@ def test_launch_chain_from_threads():
     r = chain.after(f, launch(99), like)
     f.set_result(None)
     assert r.wait() == 99
+
+
+def test_density_warmup_with_a_chunked_topk_is_refused_at_construction(monkeypatch):
+    import torch.distributed as dist
+
+    import commopt
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 0)
+    with pytest.raises(ValueError, match="cannot be combined with a chunked TopK"):
+        commopt.CompressionState("topk:0.01,chunk=4096", "ef14", density_warmup=(0.1, 30))
