@@ -193,8 +193,19 @@ class Exchange:
         """All-gather of fixed-size (values, indices) in one buffer; ordered sum over ranks."""
         k = vals.numel()
         idt = index_dtype(vals.dtype)
-        packed_idx = idx.to(idt).view(vals.dtype)
-        send = torch.cat([vals.reshape(-1), packed_idx])
+        send = torch.cat([vals.reshape(-1), idx.to(idt).view(vals.dtype)])
+        # clone: a fresh storage offset for the index view
+        return self._gather_rows(send, lambda row: (row[k:].clone().view(idt), row[:k]), d, out_dtype, out)
+
+    def _gather_packed(self, packed: Packed, d: int, out_dtype: torch.dtype, out: Optional[Tensor] = None
+                       ) -> "tuple[dist.Work, Callable[[], Tensor]]":
+        """All-gather of one compact message (uint8) per rank; every row decoded, ordered sum (SPEC §9)."""
+        return self._gather_rows(packed.data, packed.decode, d, out_dtype, out)
+
+    def _gather_rows(self, send: Tensor, decode: "Callable[[Tensor], tuple[Tensor, Tensor]]", d: int,
+                     out_dtype: torch.dtype, out: Optional[Tensor]) -> "tuple[dist.Work, Callable[[], Tensor]]":
+        """All-gather of one fixed-size row per rank; ``decode(row)`` gives each rank's (indices, values),
+        summed in rank order."""
         width = send.numel()
         recv = torch.empty(self.n * width, dtype=send.dtype, device=send.device)
         work = _all_gather_single(recv, send, group=self.group, async_op=True)
@@ -202,25 +213,7 @@ class Exchange:
         def summed() -> Tensor:
             hold_on_current_stream([recv, send])
             rows = recv.view(self.n, width)
-            # clone: a fresh storage offset for the index view
-            msgs = [(rows[r, k:].clone().view(idt), rows[r, :k]) for r in range(self.n)]
-            return ordered_sum(msgs, d, out_dtype, recv.device, out)
-
-        return work, summed
-
-    def _gather_packed(self, packed: Packed, d: int, out_dtype: torch.dtype, out: Optional[Tensor] = None
-                       ) -> "tuple[dist.Work, Callable[[], Tensor]]":
-        """All-gather of one compact message (uint8) per rank; every row decoded, ordered sum (SPEC §9)."""
-        send = packed.data
-        width = send.numel()
-        recv = torch.empty(self.n * width, dtype=torch.uint8, device=send.device)
-        work = _all_gather_single(recv, send, group=self.group, async_op=True)
-
-        def summed() -> Tensor:
-            hold_on_current_stream([recv, send])
-            rows = recv.view(self.n, width)
-            msgs = [packed.decode(rows[r]) for r in range(self.n)]
-            return ordered_sum(msgs, d, out_dtype, recv.device, out)
+            return ordered_sum([decode(rows[r]) for r in range(self.n)], d, out_dtype, recv.device, out)
 
         return work, summed
 
