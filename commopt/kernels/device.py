@@ -37,7 +37,10 @@ _DIGITS = ((20, 11), (9, 11), (0, 9))
 #: most blocks of a grid-stride kernel
 _MAX_BLOCKS = 4096
 
-SOURCES = ("topk_select.cu", "sparse.cu", "randk.cu", "feedback.cu")
+SOURCES = ("topk_select.cu", "topk_chunked.cu", "sparse.cu", "randk.cu", "feedback.cu")
+#: csrc/topk_chunked.cu: the longest chunk (16-bit chunk-local indices) and most blocks of its grid
+_MAX_CHUNK = 1 << 16
+_MAX_CHUNK_BLOCKS = 1 << 16
 
 
 def kernel_source() -> str:
@@ -138,10 +141,28 @@ class DeviceOps:
         L.done()
         return idx
 
+    @_one_at_a_time
     def topk_chunked(self, x: Tensor, chunk: int, k_full: int, k_last: int) -> Tensor:
-        """Chunked TopK (SPEC §9): no kernel of its own yet; the reference op (a batched top-k over the
-        rows of a [d // chunk, chunk] view, already fast on a GPU)."""
-        return self.ref.topk_chunked(x, chunk, k_full, k_last)
+        """Chunked TopK (SPEC §9): csrc/topk_chunked.cu, one block per chunk (exact radix select in
+        shared memory, then an in-order compaction); fp16/bf16 widened to fp32 as :meth:`topk` does."""
+        d = x.numel()
+        nfull, rem = divmod(d, chunk) if chunk >= 1 else (0, 0)
+        if x.dtype in (torch.float16, torch.bfloat16):
+            x = x.float()  # exact, and the same key order
+        if (not self._ok(x) or d < 1 or not 1 <= chunk <= _MAX_CHUNK or k_full < 1
+                or (rem and k_last < 1)):
+            return self.ref.topk_chunked(x, chunk, k_full, k_last)
+        x = x.reshape(-1)
+        kf = min(k_full, chunk)
+        n_out = nfull * kf + (min(k_last, rem) if rem else 0)
+        nchunks = nfull + (1 if rem else 0)
+        out = torch.empty(n_out, dtype=torch.int64, device=x.device)
+        L = self.L
+        L.launch("topk_chunked", min(nchunks, _MAX_CHUNK_BLOCKS),
+                 (L.buf(x), _u32(d), _u32(chunk), _u32(nchunks), _u32(k_full), _u32(max(k_last, 1)),
+                  L.buf(out, out=True)))
+        L.done()
+        return out
 
     # -- RandK -------------------------------------------------------------------------------------
     @_one_at_a_time
