@@ -147,6 +147,14 @@ class CompressionState:
     scale so the error state is kept in unscaled gradient units, and multiplies the
     result back. Without it the state is kept in the units of the gradient that
     arrives (then keep the loss scale constant).
+
+    ``node_size`` (SPEC §8): ``None``/1 for the flat algorithm; L > 1 or ``"auto"`` for hierarchical
+    compression, the flat algorithm among the N = n/L nodes whose gradients are the node means,
+    compressed blockwise over the L shards of each bucket: a reduce-scatter inside each node (on gloo
+    an all-reduce, whose Work has a future), the feedback rule on this rank's shard, the exchange among
+    the N ranks of this local rank, an all-gather inside the node. With it the constructor is a
+    collective (the ranks agree on L, then ``dist.new_group`` builds 2N + L groups); ``node_groups``
+    passes groups already built (``commopt.hierarchy.NodeGroups.build``).
     """
 
     def __init__(
