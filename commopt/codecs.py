@@ -29,8 +29,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import kernels
+
 __all__ = ["VALUE_CODECS", "DEFAULT_GROUP", "MAX_CHUNK", "WireFormat", "Packed", "quantize", "dequantize",
-           "pack_int4", "unpack_int4", "check_values", "check_chunk", "check_group", "epsilon_sq_bound"]
+           "pack_int4", "unpack_int4", "to_bf16", "check_values", "check_chunk", "check_group", "epsilon_sq_bound"]
 
 #: the value codecs, in order of bytes per value
 VALUE_CODECS = ("float", "bf16", "int8", "int4")
@@ -84,43 +86,29 @@ def epsilon_sq_bound(values: str, group: Optional[int] = None) -> float:
 # -- the integer codecs ------------------------------------------------------------------------------------
 
 def quantize(v: Tensor, bits: int, group: int) -> "tuple[Tensor, Tensor]":
-    """(codes int8 [k], scales fp32 [⌈k/G⌉]) of v by symmetric absmax rounding per group of G (module doc)."""
-    q = 2 ** (bits - 1) - 1
-    k = v.numel()
-    ng = -(-k // group)
-    v64 = torch.nn.functional.pad(v.reshape(-1).to(torch.float64), (0, ng * group - k)).view(ng, group)
-    amax = v64.abs().amax(dim=1)                       # NaN propagates; empty padding is 0
-    s = (amax / q).to(torch.float32)
-    # one non-finite value anywhere: the whole message decodes to NaN (the poisoned-message rule)
-    s = torch.where(torch.isfinite(s).all(), s, torch.full_like(s, float("nan")))
-    s64 = s.to(torch.float64)
-    safe = torch.where(s64 > 0, s64, torch.ones_like(s64))[:, None]
-    codes = torch.round(v64 / safe).clamp_(-q, q)
-    codes = torch.where(torch.isfinite(codes) & (s64 > 0)[:, None], codes, torch.zeros_like(codes))
-    return codes.reshape(-1)[:k].to(torch.int8), s
+    """(codes int8 [k], scales fp32 [⌈k/G⌉]) of v by symmetric absmax rounding per group of G (module doc);
+    :meth:`commopt.kernels.TorchOps.quantize` or its kernel (csrc/codecs.cu), bit for bit the same."""
+    return kernels.ops(v).quantize(v, bits, group)
 
 
 def dequantize(codes: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
     """fp32(code) · s of each value's group, in ``dtype``."""
-    k = codes.numel()
-    per = scales.repeat_interleave(group)[:k]
-    return (codes.to(torch.float32) * per).to(dtype)
+    return kernels.ops(codes).dequantize(codes, scales, group, dtype)
 
 
 def pack_int4(codes: Tensor) -> Tensor:
     """uint8 [⌈k/2⌉]: codes in [−8, 7] as 4-bit two's complement, entry 2i in the low nibble of byte i."""
-    c = codes.to(torch.int16) & 0xF
-    if c.numel() % 2:
-        c = torch.nn.functional.pad(c, (0, 1))
-    return (c[0::2] | (c[1::2] << 4)).to(torch.uint8)
+    return kernels.ops(codes).pack_int4(codes)
 
 
 def unpack_int4(packed: Tensor, k: int) -> Tensor:
     """The k int8 codes of :func:`pack_int4`'s bytes."""
-    b = packed.to(torch.int16)
-    lo, hi = b & 0xF, (b >> 4) & 0xF
-    both = torch.stack([lo, hi], dim=1).reshape(-1)[:k]
-    return ((both ^ 8) - 8).to(torch.int8)
+    return kernels.ops(packed).unpack_int4(packed, k)
+
+
+def to_bf16(v: Tensor) -> Tensor:
+    """v rounded to bfloat16 (round to nearest even)."""
+    return kernels.ops(v).to_bf16(v)
 
 
 def _bytes(t: Tensor) -> Tensor:
@@ -185,7 +173,7 @@ class WireFormat:
         if self.values == "float":
             return _bytes(v)
         if self.values == "bf16":
-            return _bytes(v.to(torch.bfloat16))
+            return _bytes(to_bf16(v))
         G = self.G
         assert G is not None
         codes, scales = quantize(v, _BITS[self.values], G)

@@ -10,8 +10,10 @@
  *   BARRIER()     block-wide barrier (shared and global memory)
  *   TID, BID      thread id in the block, block id   BDIM, GDIM  threads per block, blocks in the grid
  *   ATOMIC_ADD_U32(p, v)   integer atomic add, shared or global memory (there are no float atomics)
- *   F32_BITS(x)   the bits of a float as u32
- *   u32, i32, u64, i64     fixed-width integers
+ *   F32_BITS(x)   the bits of a float as u32          BITS_F32(u)  the float of u32 bits
+ *   u32, i32, u64, i64, u16, u8, i8     fixed-width integers
+ *   COMMOPT_HAS_F64        defined where double is available (always in CUDA; OpenCL with cl_khr_fp64):
+ *                          a kernel that needs double is compiled only then (the op falls back otherwise)
  *
  * No warp intrinsics are used: every scan and reduction is a shared-memory one,
  * so nothing depends on the warp size. Float contraction is off on both sides
@@ -27,6 +29,13 @@ typedef uint u32;
 typedef int i32;
 typedef ulong u64;
 typedef long i64;
+typedef ushort u16;
+typedef uchar u8;
+typedef char i8;
+#if defined(cl_khr_fp64)
+#pragma OPENCL EXTENSION cl_khr_fp64 : enable
+#define COMMOPT_HAS_F64 1
+#endif
 #define KERNEL __kernel
 #define GLOBAL __global
 #define SMEM __local
@@ -39,11 +48,16 @@ typedef long i64;
 #define GDIM ((u32)get_num_groups(0))
 #define ATOMIC_ADD_U32(p, v) atomic_add((p), (v))
 #define F32_BITS(x) as_uint(x)
+#define BITS_F32(u) as_float(u)
 #else
 typedef unsigned int u32;
 typedef int i32;
 typedef unsigned long long u64;
 typedef long long i64;
+typedef unsigned short u16;
+typedef unsigned char u8;
+typedef signed char i8;
+#define COMMOPT_HAS_F64 1
 #define KERNEL extern "C" __global__
 #define GLOBAL
 #define SMEM __shared__
@@ -56,6 +70,7 @@ typedef long long i64;
 #define GDIM ((u32)gridDim.x)
 #define ATOMIC_ADD_U32(p, v) atomicAdd((p), (v))
 #define F32_BITS(x) __float_as_uint(x)
+#define BITS_F32(u) __uint_as_float(u)
 #endif
 
 /* Threads per block of every kernel (the launcher uses the same number). */

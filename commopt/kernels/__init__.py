@@ -32,7 +32,9 @@ __all__ = ["ops", "mode", "path_name", "describe", "self_check", "OP_NAMES", "To
 MODES = ("auto", "torch", "opencl")
 #: the ops of a kernel path, each checked on first use
 OP_NAMES = ("topk", "topk_chunked", "randk", "gather", "scatter_add_", "ordered_sum", "ef14_input", "ef21_input",
-            "sgdm_input", "econtrol_input")
+            "sgdm_input", "econtrol_input", "quantize", "dequantize", "pack_int4", "unpack_int4", "to_bf16")
+
+_INT_OF_SIZE = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
 
 _REFERENCE = TorchOps()
 _cache: dict[tuple[str, str], Any] = {}
@@ -145,10 +147,25 @@ def self_check(device_ops: Any, dev: torch.device) -> "dict[str, str]":
 
     def same(a: Any, b: Any) -> bool:
         if isinstance(a, tuple):
-            return all(same(u, v) for u, v in zip(a, b))
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.cpu(), b.cpu())
+            return len(a) == len(b) and all(same(u, v) for u, v in zip(a, b))
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        a, b = a.detach().cpu().contiguous().reshape(-1), b.detach().cpu().contiguous().reshape(-1)
+        if a.is_floating_point():  # bit for bit: NaN payloads (a poisoned message's scales) and -0 included
+            a, b = a.view(_INT_OF_SIZE[a.element_size()]), b.view(_INT_OF_SIZE[b.element_size()])
+        return torch.equal(a, b)
 
     idx = ref.topk(x, 50)
+    bad = x.clone()
+    bad[4321] = float("nan")               # a poisoned message: every scale NaN
+    tiny = y * 1e-42                       # scales and products in the subnormal range
+    half = (x * 0.5).round() * 0.5 + 0.25  # quotients on k + 0.5 for some scales
+    qin = [(x, 8, 256), (x, 4, 16), (y[:4999], 8, 7), (bad, 8, 256), (tiny, 4, 16), (half, 8, 300),
+           (torch.zeros_like(z), 8, 64), (z[:3], 4, 16)]
+    coded = [ref.quantize(v, b, g) + (g,) for v, b, g in qin]
+    c4 = ref.quantize(x, 4, 16)[0]
+    nonfin = torch.cat([x, tiny, torch.tensor([float("inf"), -float("inf"), float("nan"), -float("nan")],
+                                               device=dev)])
     cases = {
         "topk": lambda o: tuple(o.topk(x, k) for k in (1, 50, 601, 4999)),
         "topk_chunked": lambda o: tuple(o.topk_chunked(x, c, kf, kl) for c, kf, kl in
@@ -164,6 +181,12 @@ def self_check(device_ops: Any, dev: torch.device) -> "dict[str, str]":
         "ef21_input": lambda o: o.ef21_input(x, y),
         "sgdm_input": lambda o: o.sgdm_input(x, y, z, 0.1),
         "econtrol_input": lambda o: (o.econtrol_input(x, y, z, 0.01), o.econtrol_input(x, y, z, 1.0)),
+        "quantize": lambda o: tuple(o.quantize(v, b, g) for v, b, g in qin),
+        "dequantize": lambda o: tuple(o.dequantize(c, s, g, dt) for c, s, g in coded
+                                      for dt in (torch.float32, torch.bfloat16)),
+        "pack_int4": lambda o: (o.pack_int4(c4), o.pack_int4(c4[:4999])),
+        "unpack_int4": lambda o: tuple(o.unpack_int4(ref.pack_int4(c4[:n]), n) for n in (5000, 4999)),
+        "to_bf16": lambda o: (o.to_bf16(nonfin), o.to_bf16(y)),
     }
     for op, run in cases.items():
         try:

@@ -21,7 +21,8 @@ __all__ = ["CudaLauncher", "available"]
 #: --fmad=false: no contraction of a*b+c, so the kernels round as the reference ops do (portable.h)
 NVRTC_OPTIONS = ("--fmad=false", "-std=c++14")
 
-_CUPY_DTYPES = {torch.float32: "float32", torch.int32: "int32", torch.int64: "int64"}
+_CUPY_DTYPES = {torch.float32: "float32", torch.int32: "int32", torch.int64: "int64", torch.int16: "int16",
+                torch.int8: "int8", torch.uint8: "uint8"}
 
 
 @functools.lru_cache(maxsize=None)

@@ -37,7 +37,7 @@ _DIGITS = ((20, 11), (9, 11), (0, 9))
 #: most blocks of a grid-stride kernel
 _MAX_BLOCKS = 4096
 
-SOURCES = ("topk_select.cu", "topk_chunked.cu", "sparse.cu", "randk.cu", "feedback.cu")
+SOURCES = ("topk_select.cu", "topk_chunked.cu", "sparse.cu", "randk.cu", "feedback.cu", "codecs.cu")
 #: csrc/topk_chunked.cu: the longest chunk (16-bit chunk-local indices) and most blocks of its grid
 _MAX_CHUNK = 1 << 16
 _MAX_CHUNK_BLOCKS = 1 << 16
@@ -104,6 +104,7 @@ class DeviceOps:
         self.L = launcher
         self.name = launcher.name
         self.ref = TorchOps()
+        self._nan_bits: "dict[str, int]" = {}
 
     def _ok(self, *ts: Tensor) -> bool:
         return all(t.dtype == torch.float32 and t.is_contiguous() and self.L.handles(t) for t in ts) \
@@ -221,6 +222,89 @@ class DeviceOps:
                 i = idx.contiguous() if idx.dtype == torch.int32 else idx.to(torch.int64).contiguous()
                 L.launch(kern, _grid(k), (bo, L.buf(i), L.buf(v), _u32(0), _u32(k), _f32(1.0)))
         L.done()
+        return out
+
+    # -- value codecs (SPEC §9) --------------------------------------------------------------------
+    def _dev_ok(self, *ts: Tensor) -> bool:
+        return all(t.is_contiguous() and self.L.handles(t) for t in ts) and 0 < ts[0].numel() < (1 << 31)
+
+    @_one_at_a_time
+    def quantize(self, v: Tensor, bits: int, group: int) -> "tuple[Tensor, Tensor]":
+        """csrc/codecs.cu: quant_amax (a block per group), quant_scales, quant_codes; fp16/bf16 widened."""
+        if v.dtype in (torch.float16, torch.bfloat16):
+            v = v.float()  # exact: the reference's float64 of v is that of the float32
+        if not self._ok(v) or v.numel() < 1 or not 2 <= bits <= 8 or not 1 <= group <= (1 << 16):
+            return self.ref.quantize(v, bits, group)
+        v = v.reshape(-1)
+        k = v.numel()
+        q = 2 ** (bits - 1) - 1
+        ng = -(-k // group)
+        dev = v.device
+        amax = torch.empty(ng, dtype=torch.int32, device=dev)
+        scales = torch.empty(ng, dtype=torch.float32, device=dev)
+        codes = torch.empty(k, dtype=torch.int8, device=dev)
+        L = self.L
+        bv, ba, bs, bc = L.buf(v), L.buf(amax), L.buf(scales, out=True), L.buf(codes, out=True)
+        L.launch("quant_amax", min(ng, _MAX_CHUNK_BLOCKS), (bv, _u32(k), _u32(group), _u32(ng), ba))
+        L.launch("quant_scales", 1, (ba, _u32(ng), _u32(q), bs))
+        L.launch("quant_codes", _grid(k), (bv, _u32(k), _u32(group), bs, _u32(q), bc))
+        L.done()
+        return codes, scales
+
+    @_one_at_a_time
+    def dequantize(self, codes: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
+        k = codes.numel()
+        if (codes.dtype != torch.int8 or scales.dtype != torch.float32 or not self._dev_ok(codes, scales)
+                or scales.numel() < -(-k // max(group, 1)) or group < 1):
+            return self.ref.dequantize(codes, scales, group, dtype)
+        out = torch.empty(k, dtype=torch.float32, device=codes.device)
+        L = self.L
+        L.launch("dequant_f32", _grid(k), (L.buf(codes.reshape(-1)), _u32(k), _u32(group), L.buf(scales.reshape(-1)),
+                                            L.buf(out, out=True)))
+        L.done()
+        return out if dtype == torch.float32 else out.to(dtype)
+
+    @_one_at_a_time
+    def pack_int4(self, codes: Tensor) -> Tensor:
+        if codes.dtype != torch.int8 or not self._dev_ok(codes):
+            return self.ref.pack_int4(codes)
+        k = codes.numel()
+        out = torch.empty((k + 1) // 2, dtype=torch.uint8, device=codes.device)
+        self.L.launch("pack_int4", _grid((k + 1) // 2), (self.L.buf(codes.reshape(-1)), _u32(k),
+                                                          self.L.buf(out, out=True)))
+        self.L.done()
+        return out
+
+    @_one_at_a_time
+    def unpack_int4(self, packed: Tensor, k: int) -> Tensor:
+        if packed.dtype != torch.uint8 or not self._dev_ok(packed) or not 0 < k <= 2 * packed.numel():
+            return self.ref.unpack_int4(packed, k)
+        out = torch.empty(k, dtype=torch.int8, device=packed.device)
+        self.L.launch("unpack_int4", _grid(k), (self.L.buf(packed.reshape(-1)), _u32(k), self.L.buf(out, out=True)))
+        self.L.done()
+        return out
+
+    def _bf16_nan(self, dev: torch.device) -> int:
+        """The bits of the NaN that PyTorch's fp32 -> bf16 conversion gives on ``dev`` (asked once per device)."""
+        key = str(dev)
+        got = self._nan_bits.get(key)
+        if got is None:
+            probe = torch.full((1,), float("nan"), device=dev).to(torch.bfloat16).view(torch.int16)
+            got = self._nan_bits[key] = int(probe.cpu()[0]) & 0xFFFF
+        return got
+
+    @_one_at_a_time
+    def to_bf16(self, v: Tensor) -> Tensor:
+        if v.dtype == torch.bfloat16:
+            return self.ref.to_bf16(v)
+        if not self._ok(v) or v.numel() < 1:
+            return self.ref.to_bf16(v)
+        nan = self._bf16_nan(v.device)
+        out = torch.empty(v.shape, dtype=torch.bfloat16, device=v.device)
+        n = v.numel()
+        self.L.launch("f32_to_bf16", _grid(n), (self.L.buf(v.reshape(-1)), _u32(n), _u32(nan),
+                                                 self.L.buf(out.view(torch.int16).reshape(-1), out=True)))
+        self.L.done()
         return out
 
     # -- feedback inputs ---------------------------------------------------------------------------

@@ -174,3 +174,46 @@ class TorchOps:
             return q, q
         return q, e.mul(eta).add_(r)
 
+    # -- the value codecs of SPEC §9, as csrc/codecs.cu (commopt.codecs calls these) -----------------------
+    def quantize(self, v: Tensor, bits: int, group: int) -> "tuple[Tensor, Tensor]":
+        """(codes int8 [k], scales fp32 [⌈k/G⌉]): symmetric absmax rounding per group of G. s = fp32(max|v_g| / q)
+        and code = round_half_even(v / s) clamped to [−q, q] (q = 2^(bits−1) − 1), both quotients in float64;
+        code 0 where s is 0; one non-finite value anywhere makes every scale NaN (and every code 0)."""
+        q = 2 ** (bits - 1) - 1
+        k = v.numel()
+        ng = -(-k // group)
+        v64 = torch.nn.functional.pad(v.reshape(-1).to(torch.float64), (0, ng * group - k)).view(ng, group)
+        amax = v64.abs().amax(dim=1)                       # NaN propagates; empty padding is 0
+        s = (amax / q).to(torch.float32)
+        # one non-finite value anywhere: the whole message decodes to NaN (the poisoned-message rule)
+        s = torch.where(torch.isfinite(s).all(), s, torch.full_like(s, float("nan")))
+        s64 = s.to(torch.float64)
+        safe = torch.where(s64 > 0, s64, torch.ones_like(s64))[:, None]
+        codes = torch.round(v64 / safe).clamp_(-q, q)
+        codes = torch.where(torch.isfinite(codes) & (s64 > 0)[:, None], codes, torch.zeros_like(codes))
+        return codes.reshape(-1)[:k].to(torch.int8), s
+
+    def dequantize(self, codes: Tensor, scales: Tensor, group: int, dtype: torch.dtype) -> Tensor:
+        """fp32(code) · s of each value's group (one fp32 multiply), in ``dtype``."""
+        k = codes.numel()
+        per = scales.repeat_interleave(group)[:k]
+        return (codes.to(torch.float32) * per).to(dtype)
+
+    def pack_int4(self, codes: Tensor) -> Tensor:
+        """uint8 [⌈k/2⌉]: codes in [−8, 7] as 4-bit two's complement, entry 2i in the low nibble of byte i."""
+        c = codes.to(torch.int16) & 0xF
+        if c.numel() % 2:
+            c = torch.nn.functional.pad(c, (0, 1))
+        return (c[0::2] | (c[1::2] << 4)).to(torch.uint8)
+
+    def unpack_int4(self, packed: Tensor, k: int) -> Tensor:
+        """The k int8 codes of :meth:`pack_int4`'s bytes."""
+        b = packed.to(torch.int16)
+        lo, hi = b & 0xF, (b >> 4) & 0xF
+        both = torch.stack([lo, hi], dim=1).reshape(-1)[:k]
+        return ((both ^ 8) - 8).to(torch.int8)
+
+    def to_bf16(self, v: Tensor) -> Tensor:
+        """v rounded to bfloat16 (round to nearest even; NaN stays NaN, as PyTorch's conversion on v's device)."""
+        return v.to(torch.bfloat16)
+
