@@ -159,8 +159,14 @@ def self_check(device_ops: Any, dev: torch.device) -> "dict[str, str]":
     bad = x.clone()
     bad[4321] = float("nan")               # a poisoned message: every scale NaN
     tiny = y * 1e-42                       # scales and products in the subnormal range
-    half = (x * 0.5).round() * 0.5 + 0.25  # quotients on k + 0.5 for some scales
-    qin = [(x, 8, 256), (x, 4, 16), (y[:4999], 8, 7), (bad, 8, 256), (tiny, 4, 16), (half, 8, 300),
+    # quotients within an ulp of k + 0.5 (a float32 division would round some onto or off the tie)
+    gen = torch.Generator().manual_seed(99)
+    sg = ((torch.rand(20, generator=gen) + 0.5).double() / 127).float().double().repeat_interleave(256)
+    near = ((torch.randint(-127, 127, (5120,), generator=gen).double() + 0.5) * sg).float()
+    near = torch.where(torch.arange(5120) % 3 == 0, torch.nextafter(near, torch.tensor(float("inf"))), near)
+    near[::256] = (127 * sg[::256]).float()
+    near = near.to(dev)
+    qin = [(x, 8, 256), (x, 4, 16), (y[:4999], 8, 7), (bad, 8, 256), (tiny, 4, 16), (near, 8, 256),
            (torch.zeros_like(z), 8, 64), (z[:3], 4, 16)]
     coded = [ref.quantize(v, b, g) + (g,) for v, b, g in qin]
     c4 = ref.quantize(x, 4, 16)[0]

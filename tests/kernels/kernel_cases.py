@@ -76,3 +76,80 @@ def distinct(d: int, k: int, seed: int, sort: bool, device: str = "cpu") -> torc
     g = torch.Generator(device=device).manual_seed(seed)
     idx = torch.randperm(d, generator=g, device=device)[:k]
     return torch.sort(idx).values if sort else idx
+
+
+# -- compact messages (SPEC §9): chunked TopK and the value codecs ----------------------------------------
+
+#: (d, chunk): d a multiple of the chunk, not a multiple, below the chunk; chunk sizes 2 to 65536
+CHUNK_CASES = [(1000, 2), (1001, 2), (3, 2), (1, 2), (256 * 5, 256), (256 * 5 + 77, 256), (100, 256),
+               (4096 * 3, 4096), (4096 * 3 + 1, 4096), (4000, 4096), (65536 * 2, 65536), (65536 + 4099, 65536),
+               (70_000, 65536), (30_000, 65536)]
+
+
+def chunk_ks(chunk: int) -> "list[int]":
+    """k_c values per full chunk: 1, a few, 1%, half, chunk − 1, chunk."""
+    return sorted({k for k in (1, 2, max(1, chunk // 100), chunk // 2, chunk - 1, chunk) if 1 <= k <= chunk})
+
+
+def last_ks(d: int, chunk: int, k_full: int) -> "list[int]":
+    """k_last values for the shorter last chunk (1, max(1, k_full·rem/chunk), rem), or [1] without one."""
+    rem = d % chunk
+    if not rem:
+        return [1]
+    return sorted({1, max(1, (k_full * rem) // chunk), rem})
+
+
+def np_topk_chunked(x: torch.Tensor, chunk: int, k_full: int, k_last: int):
+    """Independent reference: per chunk, NaN first, then |x| descending, then the lowest index (lexsort)."""
+    import numpy as np
+
+    a = np.abs(x.detach().reshape(-1).to(torch.float32).cpu().numpy().astype(np.float64))
+    out = []
+    for s in range(0, a.size, chunk):
+        seg = a[s:s + chunk]
+        k = min(k_full if seg.size == chunk else k_last, seg.size)
+        nan = np.isnan(seg)
+        order = np.lexsort((np.arange(seg.size), -np.where(nan, 0.0, seg), -nan.astype(np.int8)))
+        out.append(np.sort(order[:k]) + s)
+    return np.concatenate(out).astype(np.int64)
+
+
+#: value kinds for the codecs beyond KINDS: values whose quotient by the scale is exactly or nearly k + 0.5
+CODEC_KINDS = KINDS + ("half", "near_half", "tiny", "zero_groups")
+
+
+def codec_input(kind: str, k: int, seed: int = 0, group: int = 16, q: int = 127, device: str = "cpu"
+                ) -> torch.Tensor:
+    """float32 values for the codecs (q: the codec's 2^(b−1) − 1). ``half``: max|v| = q·2^−3 in every group,
+    so the scale is 2^−3 and v / s is exactly m + 0.5; ``near_half``: a random scale s per group, v =
+    fp32((m + 0.5)·s) or a float neighbour, quotients within an ulp or two of a tie; ``tiny``: values near
+    1e−42 (subnormal scales; those that underflow decode to 0); ``zero_groups``: every other group all zero
+    (of both signs)."""
+    g = torch.Generator(device=device).manual_seed(seed * 7919 + k)
+    kw = {"generator": g, "device": device}
+    if kind in KINDS:
+        return make(kind, k, seed=seed, device=device)
+    ng = -(-k // group)
+    first = torch.arange(k, device=device) % group == 0
+    sign = torch.where(torch.rand(k, **kw) < 0.5, 1.0, -1.0)
+    if kind == "half":
+        m = torch.randint(-q, q, (k,), **kw).float()
+        return torch.where(first, q * 0.125 * sign, (m + 0.5) * 0.125)
+    if kind == "near_half":
+        s = ((torch.rand(ng, **kw) + 0.5).to(torch.float64) / q).to(torch.float32).to(torch.float64)
+        s = s.repeat_interleave(group)[:k]
+        m = torch.randint(-q, q, (k,), **kw).to(torch.float64)
+        x = ((m + 0.5) * s).to(torch.float32)
+        step = torch.randint(-1, 2, (k,), **kw)
+        x = torch.where(step > 0, torch.nextafter(x, torch.full_like(x, float("inf"))),
+                        torch.where(step < 0, torch.nextafter(x, torch.full_like(x, -float("inf"))), x))
+        return torch.where(first, (q * s).to(torch.float32) * sign, x)
+    if kind == "tiny":
+        return torch.randn(k, **kw) * 1e-42
+    if kind == "zero_groups":
+        x = torch.randn(k, **kw)
+        grp = torch.arange(k, device=device) // group
+        x[grp % 2 == 1] = 0.0
+        x[(grp % 4 == 1) & (torch.rand(k, **kw) < 0.5)] = -0.0
+        return x
+    raise ValueError(kind)
