@@ -114,6 +114,11 @@ def info_lines() -> list[str]:
     for name in names:
         if name in os.environ:
             lines.append(f"  {name}={os.environ[name]}")
+    from .hierarchy import local_world_size
+
+    L = local_world_size(os.environ)
+    lines.append(f"ranks per node (launcher): {L if L is not None else 'not set'}"
+                 f" (node_size='auto' {'compresses between nodes of ' + str(L) + ' ranks' if L and L > 1 else 'runs flat'})")
     return lines
 
 

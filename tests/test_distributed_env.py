@@ -289,8 +289,10 @@ def test_cli_info_bad_kernels_mode() -> None:
 
 
 def test_cli_info_reports_launcher_vars() -> None:
-    proc = subprocess.run([sys.executable, "-m", "commopt", "info"], env=_clean_env(**SLURM), cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "commopt", "info"],
+                          env=_clean_env(**SLURM, SLURM_NTASKS_PER_NODE="4"), cwd=REPO,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "launcher (from environment): slurm" in proc.stdout
     assert "SLURM_JOB_NODELIST=gpu[01-02]" in proc.stdout
+    assert "ranks per node (launcher): 4 (node_size='auto' compresses between nodes of 4 ranks)" in proc.stdout
