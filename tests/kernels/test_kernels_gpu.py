@@ -2,7 +2,8 @@
 compressed DDP step with the CUDA kernel path active under ``torch.cuda.set_sync_debug_mode("error")``.
 
 Skips without a CUDA device or without CuPy (``pip install 'commopt[cuda]'``). Run it whenever a GPU is
-available: sizes 1 to 100M, fp32 / bf16 / fp16 inputs to TopK, every op of
+available: sizes 1 to 100M, fp32 / bf16 / fp16 inputs to TopK (and to chunked TopK and the value codecs of
+SPEC §9, with the cases of tests/kernels/test_kernels_compact.py), every op of
 :class:`commopt.kernels.device.DeviceOps` over a :class:`CudaLauncher` (the kernels themselves, not the
 self-checked set) compared with :class:`commopt.kernels.reference.TorchOps` on the same CUDA tensors,
 and the index outputs also with the reference ops on the CPU.
@@ -224,6 +225,119 @@ def test_self_check_passes(dev):
     from commopt import kernels
 
     assert kernels.self_check(dev, CUDA) == {}
+
+
+# -- compact messages (SPEC §9): chunked TopK and the value codecs -----------------------------------------
+
+_codec_input = functools.partial(kernel_cases.codec_input, device="cuda")
+
+
+def _check_chunked(dev, x, chunk, kf, kl, on_cpu=True):
+    got = dev.topk_chunked(x, chunk, kf, kl)
+    what = f"topk_chunked d={x.numel()} chunk={chunk} k_full={kf} k_last={kl} {x.dtype}"
+    assert got.device.type == "cuda"
+    assert_bitwise(got, REF.topk_chunked(x, chunk, kf, kl), what)
+    if on_cpu:
+        assert_bitwise(got.cpu(), REF.topk_chunked(x.cpu(), chunk, kf, kl), what + " vs CPU")
+        if x.numel() <= 300_000:
+            import numpy as np
+            np.testing.assert_array_equal(got.cpu().numpy(), kernel_cases.np_topk_chunked(x, chunk, kf, kl),
+                                          err_msg=what)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d,chunk", kernel_cases.CHUNK_CASES)
+def test_topk_chunked(dev, kind, d, chunk):
+    x = make(kind, d, seed=11)
+    for kf in kernel_cases.chunk_ks(chunk):
+        for kl in kernel_cases.last_ks(d, chunk, kf):
+            _check_chunked(dev, x, chunk, kf, kl)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("kind", ["gauss", "ties", "nan"])
+@pytest.mark.parametrize("chunk", [2, 256, 4096, 65536])
+def test_topk_chunked_large(dev, kind, dtype, chunk):
+    d = 25_000_000 + 12_345
+    x = make(kind, d, seed=3, dtype=dtype)
+    for kf in (1, max(1, chunk // 100), chunk // 2):
+        _check_chunked(dev, x, chunk, kf, max(1, kf * (d % chunk) // chunk), on_cpu=(dtype == torch.float32))
+
+
+def test_topk_chunked_ties_go_to_the_lowest_index(dev):
+    d, chunk = 1_000_000, 1000
+    x = make("opposite", d)
+    for kf in (1, 17, 999):
+        want = (torch.arange(kf, device="cuda")[None, :] + torch.arange(0, d, chunk, device="cuda")[:, None])
+        assert_bitwise(dev.topk_chunked(x, chunk, kf, 1), want.reshape(-1), f"equal magnitudes k={kf}")
+
+
+def _check_quantize(dev, v, bits, group, what=""):
+    gc, gs = dev.quantize(v, bits, group)
+    rc, rs = REF.quantize(v, bits, group)
+    what = f"quantize bits={bits} G={group} k={v.numel()} {v.dtype} {what}"
+    assert_bitwise(gc, rc, what + " codes")
+    assert_bitwise(gs, rs, what + " scales")
+    cc, cs = REF.quantize(v.cpu(), bits, group)   # the float64 reference on the CPU: the same codes
+    assert_bitwise(gc.cpu(), cc, what + " codes vs CPU")
+    assert_bitwise_or_both_nan(gs, cs, what + " scales vs CPU")
+    for dt in (torch.float32, torch.bfloat16):
+        assert_bitwise(dev.dequantize(gc, gs, group, dt), REF.dequantize(rc, rs, group, dt), what + f" decoded {dt}")
+    if bits == 4:
+        p = dev.pack_int4(gc)
+        assert_bitwise(p, REF.pack_int4(rc), what + " packed")
+        assert_bitwise(dev.unpack_int4(p, v.numel()), rc, what + " unpacked")
+    return gc, gs
+
+
+@pytest.mark.parametrize("bits,group", [(8, 256), (4, 16), (8, 1), (4, 3), (8, 1000), (4, 65536), (8, 7)])
+@pytest.mark.parametrize("kind", kernel_cases.CODEC_KINDS)
+def test_quantize(dev, kind, bits, group):
+    q = 2 ** (bits - 1) - 1
+    for k in (1, 2, 5, 16, 257, 4097, 70_001, 3_000_001):
+        _check_quantize(dev, _codec_input(kind, k, seed=1, group=group, q=q), bits, group, kind)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [0, 255, 256, 4999])
+@pytest.mark.parametrize("bits,group", [(8, 256), (4, 16)])
+def test_quantize_poisoning(dev, bad, where, bits, group):
+    v = make("gauss", 5000, seed=4)
+    v[where] = bad
+    codes, scales = _check_quantize(dev, v, bits, group)
+    assert bool(scales.isnan().all()) and bool((codes == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_quantize_half_precision(dev, dtype):
+    for kind in ("gauss", "heavy", "ties", "nan"):
+        _check_quantize(dev, make(kind, 300_001, seed=5, dtype=dtype), 8, 256, kind)
+        _check_quantize(dev, make(kind, 300_001, seed=5, dtype=dtype), 4, 16, kind)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("d", [1, 7, 4097, 3_000_001])
+def test_bf16(dev, kind, d):
+    x = make(kind, d, seed=8)
+    assert_bitwise(dev.to_bf16(x), REF.to_bf16(x), f"bf16 {kind} d={d}")
+
+
+def test_bf16_rounding_edges(dev):
+    hi = torch.randint(0, 1 << 16, (4096,), generator=torch.Generator().manual_seed(1), dtype=torch.int64)
+    lows = torch.tensor([0x0000, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x0001], dtype=torch.int64)
+    b = ((hi[:, None] << 16) | lows[None, :]).reshape(-1)
+    b = torch.cat([b, torch.tensor([0x7F7FFFFF, 0xFF7FFFFF, 0x7F800000, 0xFF800000, 0x7F800001, 0xFFC00001,
+                                    0x7FFFFFFF, 0x00000001, 0x80008000, 0, 0x80000000, 0x7F7F8000])])
+    x = torch.where(b >= (1 << 31), b - (1 << 32), b).to(torch.int32).view(torch.float32).cuda()
+    assert_bitwise(dev.to_bf16(x), REF.to_bf16(x), "bf16 edges")
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4097, 3_000_001])
+def test_int4_pack_unpack(dev, k):
+    c = torch.randint(-8, 8, (k,), device="cuda").to(torch.int8)
+    p = dev.pack_int4(c)
+    assert_bitwise(p, REF.pack_int4(c), f"pack k={k}")
+    assert_bitwise(dev.unpack_int4(p, k), c, f"unpack k={k}")
 
 
 # -- the hook with the CUDA kernel path ------------------------------------------------------------
