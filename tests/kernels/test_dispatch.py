@@ -430,3 +430,13 @@ def test_rounds_large_bucket_with_loss_scale(monkeypatch, rule):
     a = _rounds(monkeypatch, "opencl", comp, RULES[rule](), d, torch.float16, n=2, steps=5, scale=1024.0)
     b = _rounds(monkeypatch, "torch", comp, RULES[rule](), d, torch.float16, n=2, steps=5, scale=1024.0)
     _compare(a, b)
+
+
+def test_every_kernel_source_is_compiled():
+    """kernel_source() concatenates device.SOURCES: every csrc/*.cu must be listed (and ships in the wheel
+    as commopt/kernels/csrc through pyproject's package-data *.cu)."""
+    assert set(device_mod.SOURCES) == {p.name for p in device_mod.CSRC.glob("*.cu")}
+    src = device_mod.kernel_source()
+    for kernel in ("topk_chunked", "quant_amax", "quant_scales", "quant_codes", "dequant_f32", "pack_int4",
+                   "unpack_int4", "f32_to_bf16"):
+        assert f"KERNEL void {kernel}(" in src, kernel
