@@ -113,6 +113,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bucket-mb", type=float, default=25.0)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--out", default=None, help="JSON record written by rank 0")
+    p.add_argument("--link-iface", default=None,
+                   help="record this interface's rx + tx byte counters and commopt's inter-node byte count "
+                        "after every step (rank 0; e.g. eth0 of an experiments/netem node)")
     return p.parse_args(argv)
 
 
@@ -239,6 +242,22 @@ def build(spec: dict[str, Any], ddp: DDP, base: torch.optim.Optimizer, n: int):
     raise SystemExit(f"unknown kind {kind!r}")
 
 
+def _iface_bytes(iface: str) -> int:
+    """rx + tx bytes of a network interface of this process's namespace (Linux sysfs)."""
+    return sum(int(open(f"/sys/class/net/{iface}/statistics/{w}_bytes").read()) for w in ("rx", "tx"))
+
+
+def _inter_node_bytes(opt: Any) -> float:
+    """commopt's inter-node byte count of this rank so far (bytes_inter_node; bytes_sent where absent)."""
+    total = 0.0
+    while opt is not None:
+        if hasattr(opt, "comm_stats"):
+            s = opt.comm_stats()
+            total += float(s.get("bytes_inter_node", s.get("bytes_sent", 0.0)))
+        opt = getattr(opt, "optimizer", None)
+    return total
+
+
 def commopt_bytes(opt: Any) -> tuple[float, dict]:
     """Total bytes this rank exchanged so far according to commopt's counters (and the stats)."""
     inner = opt
@@ -279,7 +298,12 @@ def main(argv=None) -> int:
     opt, bytes_fn = build(spec, ddp, base, n)
     evals: list[tuple[int, float]] = []
     times: list[float] = []
+    link: list[int] = []       # --link-iface: the interface's rx + tx bytes after each step
+    counted: list[float] = []  # --link-iface: commopt's bytes_inter_node (or the formula's) after each step
     sent = 0.0
+    if a.link_iface and rank == 0:
+        link.append(_iface_bytes(a.link_iface))
+        counted.append(0.0)
     if a.eval_every and rank == 0:
         evals.append((0, val_loss(model, val, a)))
     for it in range(a.steps):
@@ -294,6 +318,9 @@ def main(argv=None) -> int:
         opt.step()
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
+        if a.link_iface and rank == 0:
+            link.append(_iface_bytes(a.link_iface))
+            counted.append(_inter_node_bytes(opt) if bytes_fn is None else sent + bytes_fn(it))
         if bytes_fn is not None:
             sent += bytes_fn(it)
         if not math.isfinite(float(loss)):
@@ -313,7 +340,7 @@ def main(argv=None) -> int:
                "params": d, "steps": a.steps, "model": a.model, "batch_size": a.batch_size,
                "block_size": a.block_size, "bucket_mb": a.bucket_mb, "lr": a.lr,
                "step_seconds": times, "bytes_total": sent, "bytes_per_step": sent / max(1, a.steps),
-               "evals": evals, "comm_stats": stats, "data": meta,
+               "evals": evals, "comm_stats": stats, "data": meta, "link_counter": link, "counted_inter": counted,
                "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
         tmp = a.out + ".tmp"
         with open(tmp, "w") as f:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +49,11 @@ METHODS: dict[str, dict[str, Any]] = {
                            "feedback": "ef14"},
     "hier_topk1_compact": {"kind": "compressed", "compressor": "topk:0.01,chunk=4096,values=int8",
                            "feedback": "ef14", "node_size": 2},
+    # the longest chunk whose local indices still fit in 16 bits: the same bytes per entry
+    "flat_topk1_compact64k": {"kind": "compressed", "compressor": "topk:0.01,chunk=65536,values=int8",
+                              "feedback": "ef14"},
+    "hier_topk1_compact64k": {"kind": "compressed", "compressor": "topk:0.01,chunk=65536,values=int8",
+                              "feedback": "ef14", "node_size": 2},
     # which part of the compact message costs what: chunking alone, int8 alone
     "flat_topk1_chunk": {"kind": "compressed", "compressor": "topk:0.01,chunk=4096", "feedback": "ef14"},
     "flat_topk1_int8": {"kind": "compressed", "compressor": "topk:0.01,values=int8", "feedback": "ef14"},
@@ -65,6 +69,8 @@ LABEL = {
     "hier_topk1": "hierarchical (node_size=2) TopK 1% + EF14, 8 B/entry",
     "flat_topk1_compact": "flat TopK 1%, chunk 4096 + int8",
     "hier_topk1_compact": "hierarchical TopK 1%, chunk 4096 + int8",
+    "flat_topk1_compact64k": "flat TopK 1%, chunk 65536 + int8",
+    "hier_topk1_compact64k": "hierarchical TopK 1%, chunk 65536 + int8",
     "flat_topk1_chunk": "flat TopK 1%, chunk 4096, fp32 values",
     "flat_topk1_int8": "flat TopK 1%, int32 indices, int8 values",
     "updates_topk1": "CompressedUpdates (AdamW step) TopK 1% + EF14, 8 B/entry",
@@ -116,11 +122,12 @@ def timing(name: str, a: argparse.Namespace, tmp: str, c: Any, port: int) -> Opt
     out = os.path.join(tmp, f"t_{name}.json")
     if os.path.exists(out):  # recorded by an earlier invocation with the same --work-dir
         rec = json.load(open(out))
-        if "link_bytes" in rec:
+        if "link_bytes" in rec and rec.get("link_counter"):
             return rec
     before = link_bytes(c)
     # start_ranks fills in {rank}-style fields: the JSON method spec's braces are doubled to stay literal
     argv = [x.replace("{", "{{").replace("}", "}}") for x in worker_argv(name, a, a.timing_steps, False, out)]
+    argv += ["--link-iface", "eth0"]  # rank 0 (node 0) reads its node's shaped link after every step
     procs = c.start_ranks(argv, env={"MASTER_PORT": str(port)}, log_dir=tmp)
     codes = c.wait(timeout=a.timeout, procs=procs)
     after = link_bytes(c)
@@ -140,25 +147,19 @@ def row(name: str, q: Optional[dict], t: Optional[dict], a: argparse.Namespace) 
     r: dict[str, Any] = {"method": name, "label": LABEL[name]}
     if q is not None:
         r["final_val"] = q["evals"][-1][1]
-        st = inter_stats(q)
-        r["bytes_per_step"] = q["bytes_per_step"]
-        r["inter_per_step"] = st.get("bytes_inter_node", q["bytes_total"]) / q["steps"]
-        r["intra_per_step"] = st.get("bytes_intra_node", 0) / q["steps"]
-        r["compressed_rounds"] = st.get("compressed_rounds")
     if t is not None:
         s = t["step_seconds"][a.skip:]
         r["ms_per_step"] = 1e3 * sum(s) / len(s)
         r["ms_median"] = 1e3 * statistics.median(s)
+        # steady state, steps skip.. (after the dense warm-up): counters after each step, index 0 = before step 0
+        n = len(t["step_seconds"]) - a.skip
+        lc, ci = t["link_counter"], t["counted_inter"]
+        # node 0's link carries what its RPN ranks receive from and send to node 1: per rank (rx + tx) / 2 / RPN
+        r["link_per_step"] = (lc[-1] - lc[a.skip]) / n / 2 / RPN
+        r["inter_per_step"] = (ci[-1] - ci[a.skip]) / n
         st = inter_stats(t)
-        # a node's link carries what its RPN ranks receive and send across: per rank, (rx + tx) / 2 / RPN
-        r["link_bytes_per_rank"] = sum(t["link_bytes"]) / NODES / RPN / 2
-        r["counted_inter_total"] = st.get("bytes_inter_node", t["bytes_total"])
+        r["intra_per_step"] = st.get("bytes_intra_node", 0) / len(t["step_seconds"]) if st else 0.0
     return r
-
-
-def entry_bytes(q: Optional[dict]) -> Optional[float]:
-    """Bytes per kept entry on the inter-node exchange: compressed rounds' bytes / (peers × entries)."""
-    return None
 
 
 def report(rows: list[dict], a: argparse.Namespace, cmd: str) -> str:
@@ -173,28 +174,41 @@ def report(rows: list[dict], a: argparse.Namespace, cmd: str) -> str:
         f"- quality: {a.steps} steps on 4 local ranks (validation loss of rank 0's model at the end); timing: "
         f"{a.timing_steps} steps on the emulated cluster (`experiments/netem`, each node's link shaped to {a.rate} with "
         f"tc tbf, the two ranks of a node on its loopback), mean over steps {a.skip}..",
-        "- MB/step inter-node / intra-node: commopt's `comm_stats()` (`bytes_inter_node`, `bytes_intra_node`, per rank, "
-        "SPEC §3/§8 formulas; flat counts every byte as inter-node); dense DDP: the ring all-reduce formula, all of "
-        "it over the slow link in this layout's ring",
-        "- link MB/rank: what really crossed the nodes' shaped links during the timing run, from eth0's kernel "
-        "counters ((rx + tx) / 2 per rank: TCP/IP headers and the rendezvous included), against the counted "
-        "inter-node bytes of the same run",
+        f"- inter-node MB/step: commopt's `comm_stats()['bytes_inter_node']` per rank and step in the timing run's "
+        f"steady state (steps {a.skip}.., after the dense warm-up; SPEC §3/§8 formulas; flat counts every byte as "
+        "inter-node); dense DDP: the ring all-reduce formula 2(n−1)/n·4d. intra-node MB/step: `bytes_intra_node` "
+        "over the whole timing run (on gloo the node's reduce-scatter is an all-reduce: 3(L−1)·⌈d/L⌉·4 per bucket)",
+        "- link MB/step: what really crossed the shaped link in the same steps, from node 0's eth0 kernel counters "
+        "read by rank 0 after every step ((rx + tx) / 2 per rank: TCP/IP headers included)",
+        "- inter vs flat: the flat method's inter-node bytes / this one's (same compressor); vs 8-byte: the 8-byte "
+        "message's inter-node bytes / this one's, and the final loss against the 8-byte run's",
         "",
-        "| method | inter-node MB/step | intra-node MB/step | inter vs flat | ms/step | link MB/rank | counted MB/rank | final val | vs DDP |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| method | inter-node MB/step | link MB/step | intra-node MB/step | inter vs flat | bytes vs 8-byte | loss vs 8-byte | ms/step | final val | vs DDP |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    flat = {r["method"]: r for r in rows}
+    by = {r["method"]: r for r in rows}
+
+    def ratio(a_: Optional[dict], b_: dict, key: str) -> Optional[float]:
+        return a_[key] / b_[key] if a_ and key in a_ and key in b_ and b_[key] else None
+
     for r in rows:
-        ref = flat.get("flat_topk1_compact" if r["method"].endswith("compact") else "flat_topk1")
-        vs_flat = (f"{ref['inter_per_step'] / r['inter_per_step']:.2f}× fewer"
-                   if ref and "inter_per_step" in r and "inter_per_step" in ref and r["inter_per_step"] and
-                   r["method"].startswith("hier") else "")
+        m = r["method"]
+        flat_ref = by.get("flat_" + m[len("hier_"):]) if m.startswith("hier_") else None
+        x = ratio(flat_ref, r, "inter_per_step")
+        vs_flat = f"{x:.2f}× fewer" if x else ""
+        base8 = m.split("_compact")[0].replace("_chunk", "").replace("_int8", "")
+        eight = by.get(base8) if base8 != m else None
+        x = ratio(eight, r, "inter_per_step")
+        vs_8 = f"{x:.2f}× fewer" if x else ""
+        y = ratio(r, eight, "final_val") if eight else None
+        loss_8 = f"{100 * (y - 1):+.2f}%" if y else ""
         vs_ddp = (f"{100 * (r['final_val'] / base['final_val'] - 1):+.2f}%"
                   if base and "final_val" in r and "final_val" in base else "")
         lines.append(
             f"| {r['label']} | {r.get('inter_per_step', float('nan')) / 1e6:.3f} | "
-            f"{r.get('intra_per_step', float('nan')) / 1e6:.3f} | {vs_flat} | {r.get('ms_per_step', float('nan')):.1f} | "
-            f"{r.get('link_bytes_per_rank', float('nan')) / 1e6:.2f} | {r.get('counted_inter_total', float('nan')) / 1e6:.2f} | "
+            f"{r.get('link_per_step', float('nan')) / 1e6:.3f} | "
+            f"{r.get('intra_per_step', float('nan')) / 1e6:.3f} | {vs_flat} | {vs_8} | {loss_8} | "
+            f"{r.get('ms_per_step', float('nan')):.1f} | "
             f"{r.get('final_val', float('nan')):.4f} | {vs_ddp} |")
     return "\n".join(lines) + "\n"
 
