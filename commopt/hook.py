@@ -38,6 +38,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.futures import Future
 
+from . import kernels
 from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
 from .exchange import Exchange, _all_gather_single, _chained, choose_exchange, unwrapped
@@ -217,6 +218,9 @@ class CompressionState:
             for i, p in enumerate(model.parameters()):
                 self._param_ids[id(p)] = i
                 self._device = p.device
+        # build the kernel op set of the model's device now (SPEC §10): its self-check reads results back to
+        # the host once, which must not happen inside the hook
+        kernels.ops(self._device)
         self._plans: dict[int, _Plan] = {}         # bucket index -> plan of its current layout
         self._block_of: dict[int, tuple[Block, int]] = {}  # parameter number -> (block, offset in block)
         self._order: dict[int, int] = {}           # id(block) -> bucket index it was made for (ordering)
