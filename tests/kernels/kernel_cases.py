@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 _INT = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
@@ -153,3 +154,22 @@ def codec_input(kind: str, k: int, seed: int = 0, group: int = 16, q: int = 127,
         x[(grp % 4 == 1) & (torch.rand(k, **kw) < 0.5)] = -0.0
         return x
     raise ValueError(kind)
+
+
+def requires_opencl():
+    """A skip mark for modules that run the kernels on PoCL: it names why OpenCL is not usable here."""
+    try:
+        from commopt.kernels.opencl import available
+        ok, why = available()
+    except Exception as exc:  # noqa: BLE001 -- the import itself must not fail the collection
+        ok, why = False, f"{type(exc).__name__}: {exc}"
+    return pytest.mark.skipif(not ok, reason=f"OpenCL is not usable here ({why}); "
+                              "install pyopencl and an ICD such as Debian's pocl-opencl-icd")
+
+
+def opencl_ops():
+    """The OpenCL kernels themselves (not the self-checked op set of commopt.kernels.ops)."""
+    from commopt.kernels.device import DeviceOps
+    from commopt.kernels.opencl import OpenCLLauncher
+
+    return DeviceOps(OpenCLLauncher())

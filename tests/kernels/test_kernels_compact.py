@@ -22,26 +22,16 @@ from commopt import kernels
 from commopt.codecs import WireFormat
 from commopt.kernels.reference import TorchOps
 from kernel_cases import (CHUNK_CASES, CODEC_KINDS, KINDS, assert_bitwise, assert_increasing, chunk_ks,
-                          codec_input, last_ks, make, np_topk_chunked)
+                          codec_input, last_ks, make, np_topk_chunked, opencl_ops, requires_opencl)
 
-try:
-    from commopt.kernels.opencl import available as _available
-    _OK, _WHY = _available()
-except Exception as exc:  # noqa: BLE001 -- the import itself must not fail the collection
-    _OK, _WHY = False, f"{type(exc).__name__}: {exc}"
-
-pytestmark = pytest.mark.skipif(not _OK, reason=f"OpenCL is not usable here ({_WHY}); "
-                                "install pyopencl and an ICD such as Debian's pocl-opencl-icd")
+pytestmark = requires_opencl()
 
 REF = TorchOps()
 
 
 @pytest.fixture(scope="module")
 def dev():
-    from commopt.kernels.device import DeviceOps
-    from commopt.kernels.opencl import OpenCLLauncher
-
-    return DeviceOps(OpenCLLauncher())
+    return opencl_ops()
 
 
 # -- chunked TopK ------------------------------------------------------------------------------------

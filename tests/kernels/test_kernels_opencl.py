@@ -22,26 +22,17 @@ import pytest
 import torch
 
 from commopt.kernels.reference import MIX_C1, MIX_C2, TorchOps, mag_keys, randk_strata
-from kernel_cases import KINDS, assert_bitwise, assert_increasing, bits, distinct, ks_for, make
+from kernel_cases import (KINDS, assert_bitwise, assert_increasing, bits, distinct, ks_for, make, opencl_ops,
+                          requires_opencl)
 
-try:
-    from commopt.kernels.opencl import available as _available
-    _OK, _WHY = _available()
-except Exception as exc:  # noqa: BLE001 -- the import itself must not fail the collection
-    _OK, _WHY = False, f"{type(exc).__name__}: {exc}"
-
-pytestmark = pytest.mark.skipif(not _OK, reason=f"OpenCL is not usable here ({_WHY}); "
-                                "install pyopencl and an ICD such as Debian's pocl-opencl-icd")
+pytestmark = requires_opencl()
 
 REF = TorchOps()
 
 
 @pytest.fixture(scope="module")
 def dev():
-    from commopt.kernels.device import DeviceOps
-    from commopt.kernels.opencl import OpenCLLauncher
-
-    return DeviceOps(OpenCLLauncher())
+    return opencl_ops()
 
 
 # -- helpers ---------------------------------------------------------------------------------------
