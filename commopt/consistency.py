@@ -91,9 +91,11 @@ def bit_checksum(tensors: "list[Tensor]") -> Tensor:
     return acc
 
 
-def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None, what: str = "state") -> None:
+def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None, what: str = "state",
+                        period: int = 1) -> None:
     """All-gather a :func:`bit_checksum` and raise ``RuntimeError`` on every rank if any rank's differs
-    (on NCCL the gather runs on the current CUDA device)."""
+    (on NCCL the gather runs on the current CUDA device). ``period`` = L compares only ranks r ≡ r' mod L
+    (under node_size = L the replicas of shard j are the ranks of local rank j), still on every rank."""
     n = dist.get_world_size(group)
     sums = [torch.zeros_like(local) for _ in range(n)]
     if dist.get_backend(group) == "nccl":  # NCCL gathers CUDA tensors only
@@ -104,8 +106,9 @@ def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None
     else:
         dist.all_gather(sums, local, group=group)
     values = [int(x) for x in sums]
-    if any(v != values[0] for v in values):
-        raise RuntimeError(f"{what} differs across ranks (checksums {values})")
+    if any(v != values[r % period] for r, v in enumerate(values)):
+        which = "ranks" if period == 1 else f"ranks of one local rank (node_size {period})"
+        raise RuntimeError(f"{what} differs across {which} (checksums {values})")
 
 
 def refuse_together(error: Optional[str], group: Optional[dist.ProcessGroup] = None, what: str = "load") -> None:

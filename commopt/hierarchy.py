@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from dataclasses import dataclass
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -89,9 +90,10 @@ def resolve_node_size(node_size: "int | str | None", world_size: int,
 
 def agree_node_size(node_size: "int | str | None", group: Optional[dist.ProcessGroup] = None) -> int:
     """:func:`resolve_node_size` on every rank, then agreed: every rank raises the same ``ValueError``
-    when any rank could not resolve it or the ranks found different sizes (before any process group
-    is built, so that no rank is left in ``dist.new_group``). A collective unless ``node_size`` is
-    None or 1."""
+    when any rank could not resolve it, the ranks found different sizes, or two ranks placed in one node
+    run on different hosts (before any process group is built, so that no rank is left in
+    ``dist.new_group``). A collective unless ``node_size`` is None or 1; warns when L is the world size
+    (one node: every round is the node's dense mean, nothing is compressed)."""
     n = dist.get_world_size(group)
     if node_size is None or (node_size == 1 and not isinstance(node_size, bool)):
         return resolve_node_size(node_size, n)
@@ -100,15 +102,29 @@ def agree_node_size(node_size: "int | str | None", group: Optional[dist.ProcessG
     except ValueError as exc:
         mine = str(exc)
     seen: list = [None] * n
-    dist.all_gather_object(seen, mine, group=group)
-    errors = [(r, v) for r, v in enumerate(seen) if isinstance(v, str)]
+    dist.all_gather_object(seen, (mine, socket.gethostname()), group=group)
+    sizes = [v for v, _ in seen]
+    errors = [(r, v) for r, v in enumerate(sizes) if isinstance(v, str)]
     if errors:
         raise ValueError(f"node_size: rank {errors[0][0]}: {errors[0][1]}")
-    if len(set(seen)) > 1:
+    if len(set(sizes)) > 1:
         raise ValueError("node_size: the ranks found different node sizes (" +
-                         ", ".join(f"rank {r}: {v}" for r, v in enumerate(seen)) +
+                         ", ".join(f"rank {r}: {v}" for r, v in enumerate(sizes)) +
                          "); set node_size to the same integer on every rank")
-    return int(seen[0])
+    L = int(sizes[0])
+    hosts = [h for _, h in seen]
+    for m in range(n // L):
+        node = hosts[m * L:(m + 1) * L]
+        if len(set(node)) > 1:
+            raise ValueError(f"node_size={L} puts ranks {m * L}..{(m + 1) * L - 1} in node {m}, but they run on hosts "
+                             f"{', '.join(sorted(set(node)))}: hierarchical compression needs consecutive ranks per "
+                             "node (torchrun's and srun's block placement); fix the placement or the node size")
+    if L == n and n > 1:
+        import warnings
+
+        warnings.warn(f"commopt: node_size={L} is the whole world: one node, so every round is the node's dense mean "
+                      "(nothing is compressed; nothing crosses a slow link)", RuntimeWarning, stacklevel=3)
+    return L
 
 
 def shard_size(d: int, L: int) -> int:
@@ -150,8 +166,13 @@ class NodeGroups:
 
     @classmethod
     def build(cls, L: int, group: Optional[dist.ProcessGroup] = None) -> "NodeGroups":
+        """Every rank of the default group must call it (``dist.new_group`` is collective over the world);
+        one NodeGroups serves one CompressionState (its launch chains keep the groups' order)."""
         ranks: Sequence[int] = (dist.get_process_group_ranks(group) if group is not None
                                 else list(range(dist.get_world_size())))
+        if len(ranks) != dist.get_world_size():
+            raise ValueError(f"node_size={L} needs the process group of all {dist.get_world_size()} ranks (got one of "
+                             f"{len(ranks)}): its node groups are built with dist.new_group over the world")
         n = len(ranks)
         me = dist.get_rank(group)
         N = n // L
@@ -172,6 +193,14 @@ class NodeGroups:
 
 def _future_like(t: Tensor) -> Future:
     return Future(devices=[t.device]) if t.is_cuda else Future()
+
+
+def _settled(f: Future) -> None:
+    """Done once ``f`` is done, whatever its outcome (the outcome is read from ``f`` itself)."""
+    try:
+        f.wait()
+    except Exception:  # noqa: BLE001 - re-raised by whoever reads f
+        pass
 
 
 def _transfer(src: Future, dst: Future) -> None:
@@ -202,7 +231,9 @@ class LaunchChain:
         and the previous round of the chain has launched. ``like``: a tensor on the result's device."""
         result = _future_like(like)
         prev = self._last
-        both = ready if prev is None else torch.futures.collect_all([ready, prev])
+        # wait for both to settle (collect_all alone completes at the first error, and go() would then block a
+        # backend thread in prev.wait() until prev is done)
+        both = ready if prev is None else torch.futures.collect_all([ready.then(_settled), prev.then(_settled)])
 
         def go(_: Future) -> None:
             try:

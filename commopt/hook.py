@@ -44,7 +44,7 @@ from .consistency import bit_checksum
 from .exchange import Exchange, _all_gather_single, _chained, choose_exchange, unwrapped
 from .hierarchy import LaunchChain, NodeGroups, agree_node_size, intra_node_bytes, local_world_size, shard_key, shard_size
 from .feedback import Feedback, make_feedback
-from .round import compress, conclude, dense_start, finite, hold_on_current_stream, unscaled, write_estimate
+from .round import compress, conclude, dense_start, hold_on_current_stream, unscaled, write_estimate
 
 __all__ = ["CompressionState", "compression_hook"]
 
@@ -304,15 +304,22 @@ class CompressionState:
 
     # -- pickling: drop the process group (like PyTorch's PowerSGDState) ------------------------
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("process_group", "exchange", "_used_handles", "nodes", "inter_exchange", "_chains")}
+        state = {k: v for k, v in self.__dict__.items()
+                 if k not in ("process_group", "exchange", "_used_handles", "inter_exchange", "_chains")}
+        state["nodes"] = None if self.nodes is None else True  # the groups themselves do not pickle
+        return state
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self.process_group = None
         self.exchange = Exchange(None)
         self._used_handles = []
-        self.nodes = None  # process groups do not pickle: a copy runs the flat algorithm
+        if self.nodes is not None or self.node_size > 1:
+            # process groups do not pickle: a copy runs the flat algorithm, from fresh blocks (the shard state
+            # does not fit it) with dense rounds first
+            self._plans, self._block_of, self._order = {}, {}, {}
+            self.dense_until = self.step + max(1, self.warmup_steps)
+        self.nodes = None
         self.inter_exchange = None
         self.node_size = 1
         self._chains = (LaunchChain(), LaunchChain())
@@ -456,7 +463,16 @@ class CompressionState:
         """State for a new block, cut from the per-parameter state of older blocks ({} if any is missing).
         Under node_size = L > 1 the state is one shard of a block and cannot be cut per parameter: a new
         block starts with a dense round."""
-        if not self.slot_names or self.nodes is not None or any(pid not in self._block_of for pid in pids):
+        if not self.slot_names or any(pid not in self._block_of for pid in pids):
+            return {}
+        if self.nodes is not None:
+            if any(self._block_of[pid][0].slots for pid in pids) and not self.in_warmup():
+                warnings.warn(
+                    f"commopt: node_size={self.node_size}: DDP's buckets changed after the feedback state was built "
+                    f"(e.g. DDP's bucket rebuild after a resume); a bucket of {len(pids)} parameter(s) no longer "
+                    "matches the saved blocks, and a node's shard of a block cannot be cut per parameter, so its "
+                    "feedback state restarts with a dense round (the run does not continue bitwise)",
+                    RuntimeWarning, stacklevel=4)
             return {}
         sdt = _state_dtype(buf.dtype)
         parts: dict[str, list[Tensor]] = {n: [] for n in self.slot_names}
@@ -603,6 +619,7 @@ class CompressionState:
                 shard_est = write_estimate(est, ok, mean, scale, torch.empty_like(part))
             else:
                 shard_est = total / (L * N)
+                hold_on_current_stream([held["g"]])
                 new, ok, _ = dense_start(fb, held["g"], unscaled(total, scale, sdt) / L, N)
                 new = new if names else {}
             full = torch.empty(L * sh, dtype=g_in.dtype, device=g_in.device)
@@ -613,7 +630,7 @@ class CompressionState:
                 # ok of the whole bucket, the same on every rank (a non-finite gradient on one rank spoils
                 # only its shards' means; the all-gathered estimate carries them to every rank), so that
                 # every rank keeps or skips the step's state alike, as in the flat path
-                self._stage(blk, ok & finite(full), new, step)
+                self._stage(blk, ok & torch.isfinite(full).all(), new, step)  # element-wise: an fp16 sum overflows
                 return g_in.copy_(full[:d])
 
             return _chained(ag, assemble, f"commopt: the intra-node all_gather_into_tensor of a bucket estimate "

@@ -241,8 +241,9 @@ class CompressedOptimizer(WrappedOptimizer):
 
     def verify_replicated_state(self) -> None:
         """Raise ``RuntimeError`` unless the replicated state (w, h) is bitwise identical on all ranks."""
-        assert_bitwise_same(self.hook_state.replicated_checksum(), self.hook_state.replica_group,
-                            what="replicated error-feedback state")
+        # over all ranks, so that every rank raises alike; under node_size = L the replicas are r ≡ r' mod L
+        assert_bitwise_same(self.hook_state.replicated_checksum(), self.process_group,
+                            what="replicated error-feedback state", period=self.hook_state.node_size)
 
     # -- checkpoints in torch.optim's shape (see WrappedOptimizer) -------------------------------------
     def _own_state_dict(self) -> dict:

@@ -179,7 +179,8 @@ def test_node_size_one_is_the_flat_path_bitwise(world):
 def test_one_node_is_dense_ddp(world):
     """N = 1: every rank in one node; the rounds are the node's dense average (no compression)."""
     a, b, grad_fns, _, _ = e2_problem(n=world.size, d=D)
-    _, _, xs = _train(world, commopt.TopK(k=1), "ef14", node_size=world.size, steps=60)
+    with pytest.warns(RuntimeWarning, match="one node, so every round is the node's dense mean"):
+        _, _, xs = _train(world, commopt.TopK(k=1), "ef14", node_size=world.size, steps=60)
     x = np.zeros(D)
     for t in range(60):
         x = x - LR * np.mean([f(x) for f in grad_fns], axis=0)
@@ -335,4 +336,79 @@ def test_non_finite_gradient_on_one_rank_leaves_every_state_untouched(world, rul
     opt.verify_replicated_state()
     assert differing_params(model.parameters()) == []
     assert opt.comm_stats()["skipped_rounds"] == 1
+    dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120, method="thread")
+def test_replicated_state_mismatch_raises_on_every_rank(world):
+    opt, _, _ = _train(world, commopt.TopK(k=1), "econtrol", node_size=L, steps=6)
+    opt.verify_replicated_state()
+    if world.rank == world.size - 1:  # one replica of one shard drifts
+        blk = opt.hook_state.blocks()[0]
+        blk.slots["h"][0] += 1.0
+    with pytest.raises(RuntimeError, match="differs across ranks of one local rank"):
+        opt.verify_replicated_state()
+    dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120, method="thread")
+def test_fp16_bucket_whose_sum_overflows_still_commits(world):
+    """The step's ok flag is element-wise: a finite fp16 bucket whose sum exceeds 65504 is finite."""
+    _layout(world)
+    class Half(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = torch.nn.Parameter(torch.zeros(4096, dtype=torch.float16))
+
+        def forward(self) -> torch.Tensor:
+            return (self.p.float() * 50.0).sum()  # every gradient 50: the bucket sums to 204800 > 65504
+
+    model = Half()
+    ddp = DDP(model, bucket_cap_mb=25)
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=1e-4), "topk:0.01", "ef14",
+                                      node_size=L)
+    for _ in range(6):
+        opt.zero_grad()
+        ddp().backward()
+        opt.step()
+    assert opt.comm_stats()["skipped_rounds"] == 0
+    assert opt.comm_stats()["compressed_rounds"] == 4, opt.comm_stats()
+    dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60, method="thread")
+def test_ranks_of_one_node_on_different_hosts_raise_on_every_rank(world, monkeypatch):
+    import socket
+    _layout(world)
+    monkeypatch.setattr(socket, "gethostname", lambda: f"host{world.rank}")
+    model = SplitQuadratic()
+    with pytest.raises(ValueError, match="run on hosts host0, host1"):
+        commopt.CompressedOptimizer(DDP(model), torch.optim.SGD(model.parameters(), lr=LR), "topk:0.1", node_size=L)
+    dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60, method="thread")
+def test_a_sub_process_group_is_refused(world):
+    _layout(world)
+    sub = dist.new_group([0, 1])
+    if world.rank < 2:
+        model = SplitQuadratic()
+        with pytest.raises(ValueError, match="needs the process group of all"):
+            commopt.CompressedOptimizer(DDP(model, process_group=sub), torch.optim.SGD(model.parameters(), lr=LR),
+                                        "topk:0.1", node_size=2)
+    dist.barrier()
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(60, method="thread")
+def test_a_pickled_copy_is_flat_and_starts_over(world):
+    import pickle
+    opt, _, _ = _train(world, commopt.TopK(k=1), "ef14", node_size=L, steps=4)
+    copy = pickle.loads(pickle.dumps(opt.hook_state))
+    assert copy.nodes is None and copy.node_size == 1 and copy.blocks() == {}
+    assert copy.dense_until >= copy.step + 1
     dist.barrier()
