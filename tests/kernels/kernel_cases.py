@@ -173,3 +173,22 @@ def opencl_ops():
     from commopt.kernels.opencl import OpenCLLauncher
 
     return DeviceOps(OpenCLLauncher())
+
+
+def check_quantize(dev, ref, v: torch.Tensor, bits: int, group: int, what: str = "", extra=None):
+    """dev's quantize / dequantize / int4 packing of v against ref's, bit for bit; ``extra(codes, scales,
+    what)`` adds comparisons (e.g. against the CPU). Returns dev's (codes, scales)."""
+    gc, gs = dev.quantize(v, bits, group)
+    rc, rs = ref.quantize(v, bits, group)
+    what = f"quantize bits={bits} G={group} k={v.numel()} {v.dtype} {what}"
+    assert_bitwise(gc, rc, what + " codes")
+    assert_bitwise(gs, rs, what + " scales")
+    if extra is not None:
+        extra(gc, gs, what)
+    for dt in (torch.float32, torch.bfloat16):
+        assert_bitwise(dev.dequantize(gc, gs, group, dt), ref.dequantize(rc, rs, group, dt), what + f" decoded {dt}")
+    if bits == 4:
+        p = dev.pack_int4(gc)
+        assert_bitwise(p, ref.pack_int4(rc), what + " packed")
+        assert_bitwise(dev.unpack_int4(p, v.numel()), rc, what + " unpacked")
+    return gc, gs

@@ -22,7 +22,7 @@ from commopt import kernels
 from commopt.codecs import WireFormat
 from commopt.kernels.reference import TorchOps
 from kernel_cases import (CHUNK_CASES, CODEC_KINDS, KINDS, assert_bitwise, assert_increasing, chunk_ks,
-                          codec_input, last_ks, make, np_topk_chunked, opencl_ops, requires_opencl)
+                          check_quantize, codec_input, last_ks, make, np_topk_chunked, opencl_ops, requires_opencl)
 
 pytestmark = requires_opencl()
 
@@ -123,18 +123,7 @@ SIZES = [1, 2, 5, 16, 257, 4097, 70_001]
 
 
 def _check_quantize(dev, v, bits, group, what=""):
-    gc, gs = dev.quantize(v, bits, group)
-    rc, rs = REF.quantize(v, bits, group)
-    what = f"quantize bits={bits} G={group} k={v.numel()} {v.dtype} {what}"
-    assert_bitwise(gc, rc, what + " codes")
-    assert_bitwise(gs, rs, what + " scales")
-    for dt in (torch.float32, torch.bfloat16):
-        assert_bitwise(dev.dequantize(gc, gs, group, dt), REF.dequantize(rc, rs, group, dt), what + f" decoded {dt}")
-    if bits == 4:
-        p = dev.pack_int4(gc)
-        assert_bitwise(p, REF.pack_int4(rc), what + " packed")
-        assert_bitwise(dev.unpack_int4(p, v.numel()), rc, what + " unpacked")
-    return gc, gs
+    return check_quantize(dev, REF, v, bits, group, what)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 256), (4, 16), (8, 1), (4, 3), (8, 1000), (4, 65536), (8, 7)])

@@ -273,21 +273,12 @@ def test_topk_chunked_ties_go_to_the_lowest_index(dev):
 
 
 def _check_quantize(dev, v, bits, group, what=""):
-    gc, gs = dev.quantize(v, bits, group)
-    rc, rs = REF.quantize(v, bits, group)
-    what = f"quantize bits={bits} G={group} k={v.numel()} {v.dtype} {what}"
-    assert_bitwise(gc, rc, what + " codes")
-    assert_bitwise(gs, rs, what + " scales")
-    cc, cs = REF.quantize(v.cpu(), bits, group)   # the float64 reference on the CPU: the same codes
-    assert_bitwise(gc.cpu(), cc, what + " codes vs CPU")
-    assert_bitwise_or_both_nan(gs, cs, what + " scales vs CPU")
-    for dt in (torch.float32, torch.bfloat16):
-        assert_bitwise(dev.dequantize(gc, gs, group, dt), REF.dequantize(rc, rs, group, dt), what + f" decoded {dt}")
-    if bits == 4:
-        p = dev.pack_int4(gc)
-        assert_bitwise(p, REF.pack_int4(rc), what + " packed")
-        assert_bitwise(dev.unpack_int4(p, v.numel()), rc, what + " unpacked")
-    return gc, gs
+    def vs_cpu(gc, gs, what):
+        cc, cs = REF.quantize(v.cpu(), bits, group)   # the float64 reference on the CPU: the same codes
+        assert_bitwise(gc.cpu(), cc, what + " codes vs CPU")
+        assert_bitwise_or_both_nan(gs, cs, what + " scales vs CPU")
+
+    return kernel_cases.check_quantize(dev, REF, v, bits, group, what, extra=vs_cpu)
 
 
 @pytest.mark.parametrize("bits,group", [(8, 256), (4, 16), (8, 1), (4, 3), (8, 1000), (4, 65536), (8, 7)])
