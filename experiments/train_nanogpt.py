@@ -429,7 +429,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = None  # free memory
 
     say(f"{info.launcher}: world {world_size}, backend {dist.get_backend()}, device {device}, opt {args.opt} "
-        f"({type(opt).__name__}), dtype {args.dtype}, scaler {'on' if scaler.is_enabled() else 'off'}")
+        f"({type(opt).__name__}), dtype {args.dtype}, scaler {'on' if scaler.is_enabled() else 'off'}, "
+        f"master {os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}")
     say(f"data: {meta['train_files']} train files / {meta['train_chars']} chars, {meta['val_files']} val files / "
         f"{meta['val_chars']} chars from {meta['root']} (digest {meta['digest']}), vocab {len(VOCAB)}")
     say(f"model: {raw_model.num_params() / 1e6:.3f}M non-embedding params "

@@ -1,0 +1,168 @@
+"""Real SLURM checks on a local cluster of emulated nodes (root):
+
+    sudo .venv/bin/python -m experiments.slurm_local                  # all checks, writes the results file
+    sudo .venv/bin/python -m experiments.slurm_local --only sbatch --no-write
+
+* ``sbatch``: ``slurm/train_cpu.sbatch`` on 2 nodes × 2 tasks (``sbatch --wait``); the job's output
+  must show world size 4, MASTER_ADDR = the first node, ``node_size`` 2 from ``node_size="auto"``, the
+  training's end and ``comm_stats``; the bytes on the emulated links (the nodes' eth0 kernel counters
+  during the job) are set against ``comm_stats()["bytes_inter_node"]``.
+* ``kill``: the same job, longer; once it trains, one task on node 1 is SIGKILLed from outside; the job
+  must end as a whole (``--kill-on-bad-exit``) within the process group's timeout, the survivors with
+  commopt's named error, nothing left running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, ROOT)
+from experiments.slurm_local.cluster import SlurmCluster  # noqa: E402
+
+PY = os.path.join(ROOT, ".venv", "bin", "python")
+SBATCH = os.path.join(ROOT, "slurm", "train_cpu.sbatch")
+
+
+def link_bytes(sc: SlurmCluster) -> list[int]:
+    out = []
+    for ns in sc.net.netns:
+        tot = 0
+        for w in ("rx_bytes", "tx_bytes"):
+            r = subprocess.run(["ip", "netns", "exec", ns, "cat", f"/sys/class/net/eth0/statistics/{w}"],
+                               capture_output=True, text=True, check=True)
+            tot += int(r.stdout)
+        out.append(tot)
+    return out
+
+
+def job_state(sc: SlurmCluster, job: str) -> str:
+    r = sc.run(["scontrol", "show", "job", job], timeout=30)
+    m = re.search(r"JobState=(\S+).*?ExitCode=(\S+)", r.stdout, re.S)
+    return f"{m.group(1)} exit {m.group(2)}" if m else (r.stdout + r.stderr).strip()[:200]
+
+
+def check_sbatch(sc: SlurmCluster) -> dict:
+    out = os.path.join(sc.dir, "sbatch-%j.out")
+    before = link_bytes(sc)
+    t0 = time.time()
+    r = sc.run(["sbatch", "--wait", "-o", out, "--export=ALL", SBATCH, "--out-dir", os.path.join(sc.dir, "out1")],
+               timeout=600,
+               env={"PYTHON": PY, "PYTHONUNBUFFERED": "1"})
+    wall = time.time() - t0
+    after = link_bytes(sc)
+    m = re.search(r"Submitted batch job (\d+)", r.stdout)
+    job = m.group(1) if m else "?"
+    text = open(out.replace("%j", job)).read() if m else r.stdout + r.stderr
+    stats = re.search(r"comm_stats \(rank 0\): (\{.*\})", text)
+    st = eval(stats.group(1), {}) if stats else {}  # the script prints a dict literal
+    first = sc.names[0]
+    per_rank_link = sum(b - a for a, b in zip(before, after)) / 2 / 2 / 2  # (rx + tx) / 2, 2 nodes, 2 ranks each
+    checks = {
+        "exit 0": r.returncode == 0,
+        "world size 4": "slurm: world 4" in text,
+        f"MASTER_ADDR = first node ({first})": f"master {first}:" in text,
+        "node_size 2 (auto)": st.get("node_size") == 2,
+        "finished (iter 20)": re.search(r"^iter\s+20:", text, re.M) is not None,
+        "comm_stats printed": bool(st),
+    }
+    return {"name": "sbatch 2 nodes x 2 tasks", "job": job, "wall_s": wall, "checks": checks,
+            "state": job_state(sc, job), "comm_stats": st, "link_per_rank": per_rank_link,
+            "counted_inter": st.get("bytes_inter_node"), "tail": "\n".join(text.strip().splitlines()[-14:])}
+
+
+def check_kill(sc: SlurmCluster, pg_timeout: int = 20) -> dict:
+    out = os.path.join(sc.dir, "kill-%j.out")
+    r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, "--max-iters", "2000", "--eval-every", "1000",
+                "--out-dir", os.path.join(sc.dir, "out2")],
+               timeout=60, env={"PYTHON": PY, "PYTHONUNBUFFERED": "1"})
+    job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    path = out.replace("%j", job)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until it trains (past the first evaluation)
+        if os.path.exists(path) and re.search(r"^iter\s+0:", open(path).read(), re.M):
+            break
+        time.sleep(1)
+    time.sleep(5)
+    pids = subprocess.run(["ip", "netns", "pids", sc.net.netns[1]], capture_output=True, text=True).stdout.split()
+    victims = [p for p in pids if "train_nanogpt.py" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+    t_kill = time.time()
+    os.kill(int(victims[0]), signal.SIGKILL)
+    ended = None
+    while time.time() < t_kill + pg_timeout + 60:
+        q = sc.run(["squeue", "-h", "-j", job], timeout=30)
+        if not q.stdout.strip():
+            ended = time.time() - t_kill
+            break
+        time.sleep(1)
+    if ended is None:
+        sc.run(["scancel", job])
+    time.sleep(2)
+    text = open(path).read()
+    left = [p for ns in sc.net.netns for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
+                                                              text=True).stdout.split()
+            if "train_nanogpt" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
+    errors = sorted(set(re.findall(r"(commopt: the [^\n]*?failed on rank \d+ of \d+)", text)))
+    checks = {
+        "job ended by itself": ended is not None,
+        "a survivor raised commopt's named error": bool(errors),
+        "no rank left running": not left,
+    }
+    return {"name": "one task SIGKILLed", "job": job, "killed_pid": victims[0], "ended_s": ended, "checks": checks,
+            "state": job_state(sc, job), "errors": errors[:3],
+            "tail": "\n".join([ln for ln in text.strip().splitlines() if "Warning" not in ln][-12:])}
+
+
+def report(results: list[dict], cmd: str) -> str:
+    lines = ["# Real SLURM on a local cluster of emulated nodes", "",
+             f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; command: `{cmd}` (this file is its output)",
+             "- cluster: `experiments/slurm_local` — 2 nodes, each a network namespace of `experiments/netem` "
+             "(1 Gbit/s links, tc tbf) with its own UTS namespace and host name, one `slurmd -N` per node, "
+             "`slurmctld` in node 0's, one munged; Debian's slurm 22.05 packages", ""]
+    for r in results:
+        ok = all(r["checks"].values())
+        lines += [f"## {r['name']}: {'pass' if ok else 'FAIL'}", "", f"job {r['job']}, final state: {r['state']}", ""]
+        lines += [f"- {'ok' if v else 'FAILED'}: {k}" for k, v in r["checks"].items()]
+        if "link_per_rank" in r and r.get("counted_inter"):
+            lines.append(f"- inter-node bytes per rank over the job: {r['link_per_rank'] / 1e6:.3f} MB on the emulated "
+                         f"links (eth0 counters, (rx + tx) / 2 / ranks; TCP/IP headers, rendezvous and evaluation "
+                         f"all-reduces included) against {r['counted_inter'] / 1e6:.3f} MB counted by "
+                         f"`comm_stats()['bytes_inter_node']` (ratio {r['link_per_rank'] / r['counted_inter']:.3f})")
+        if r.get("ended_s") is not None:
+            lines.append(f"- the job ended {r['ended_s']:.1f} s after the kill")
+        for e in r.get("errors", []):
+            lines.append(f"- survivor error: `{e}`")
+        lines += ["", "```", r["tail"], "```", ""]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", action="append", choices=("sbatch", "kill"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "slurm_local.md"))
+    ap.add_argument("--no-write", action="store_true")
+    a = ap.parse_args()
+    todo = a.only or ["sbatch", "kill"]
+    results = []
+    with SlurmCluster(nodes=2, cpus=2, rate="1gbit") as sc:
+        if "sbatch" in todo:
+            results.append(check_sbatch(sc))
+        if "kill" in todo:
+            results.append(check_kill(sc))
+    text = report(results, " ".join(["python -m experiments.slurm_local", *sys.argv[1:]]))
+    print(text)
+    if not a.no_write:
+        with open(a.out, "w") as f:
+            f.write(text)
+    return 0 if all(all(r["checks"].values()) for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
