@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile csrc/ with nvcc when it is on the PATH (scripts/compile_kernels.sh), set up (scripts/setup.sh:
-# .venv, and PoCL when it can) and run the whole suite: unit tests, then the MPI tests on 2 and 4 ranks.
+# .venv, and PoCL when it can; SLURM for its test when it can) and run the whole suite: unit tests, then the MPI tests on 2 and 4 ranks.
 # Exits non-zero if a kernel fails to compile or any test fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,7 @@ status=0
 echo "== nvcc compile check of csrc/ =="
 bash scripts/compile_kernels.sh || { status=1; echo "KERNEL COMPILE FAILED"; }
 bash scripts/setup.sh
+bash scripts/install_slurm.sh || true
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=.venv/bin/python
 MPIEXEC=.venv/bin/mpiexec

@@ -1,0 +1,44 @@
+"""srun for real: a local SLURM cluster of 2 emulated nodes (experiments/slurm_local), the CPU sbatch
+template on 2 nodes × 2 tasks, and one task SIGKILLed. Needs root, iproute2 and Debian's SLURM packages
+(scripts/install_slurm.sh installs them in .ci/run); skips, saying why, otherwise."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _unavailable() -> "str | None":
+    sys.path.insert(0, ROOT)
+    try:
+        from experiments.netem import NetemUnavailable, check_support as net_ok
+        from experiments.slurm_local.cluster import SlurmUnavailable, check_support
+        check_support()
+        net_ok()
+    except (SlurmUnavailable, NetemUnavailable) as exc:
+        return str(exc)
+    return None
+
+
+WHY = _unavailable()
+
+
+@pytest.mark.skipif(WHY is not None, reason=f"no local SLURM cluster here: {WHY}")
+@pytest.mark.timeout(900)
+def test_sbatch_and_a_killed_task_on_a_real_local_slurm(tmp_path):
+    out = tmp_path / "slurm_local.md"
+    r = subprocess.run([sys.executable, "-m", "experiments.slurm_local", "--out", str(out)], cwd=ROOT,
+                       capture_output=True, text=True, timeout=840)
+    text = out.read_text() if out.exists() else r.stdout
+    assert r.returncode == 0, f"{text[-4000:]}\n{r.stderr[-3000:]}"
+    assert "## sbatch 2 nodes x 2 tasks: pass" in text
+    assert "## one task SIGKILLed: pass" in text
+    # nothing left behind: the /etc/hosts lines and the daemons are gone
+    assert "# cmt" not in open("/etc/hosts").read()
+    for daemon in ("slurmd", "slurmctld"):
+        assert subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 1, f"{daemon} left running"
