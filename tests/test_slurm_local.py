@@ -32,7 +32,8 @@ WHY = _unavailable()
 @pytest.mark.timeout(900)
 def test_sbatch_and_a_killed_task_on_a_real_local_slurm(tmp_path):
     out = tmp_path / "slurm_local.md"
-    r = subprocess.run([sys.executable, "-m", "experiments.slurm_local", "--out", str(out)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "experiments.slurm_local", "--out", str(out), "--only", "sbatch",
+                        "--only", "kill"], cwd=ROOT,
                        capture_output=True, text=True, timeout=840)
     text = out.read_text() if out.exists() else r.stdout
     assert r.returncode == 0, f"{text[-4000:]}\n{r.stderr[-3000:]}"

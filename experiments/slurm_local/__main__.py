@@ -7,6 +7,9 @@
   must show world size 4, MASTER_ADDR = the first node, ``node_size`` 2 from ``node_size="auto"``, the
   training's end and ``comm_stats``; the bytes on the emulated links (the nodes' eth0 kernel counters
   during the job) are set against ``comm_stats()["bytes_inter_node"]``.
+* ``bytes``: ``srun`` of the e2e benchmark GPT (6M parameters, TopK 1 % + EF14, ``node_size="auto"``) with
+  rank 0 reading node 0's eth0 counters after every step: the steady-state bytes on the emulated link
+  against ``comm_stats()["bytes_inter_node"]`` (within 5 %).
 * ``kill``: the same job, longer; once it trains, one task on node 1 is SIGKILLed from outside; the job
   must end as a whole (``--kill-on-bad-exit``) within the process group's timeout, the survivors with
   commopt's named error, nothing left running.
@@ -78,6 +81,34 @@ def check_sbatch(sc: SlurmCluster) -> dict:
             "counted_inter": st.get("bytes_inter_node"), "tail": "\n".join(text.strip().splitlines()[-14:])}
 
 
+def check_bytes(sc: SlurmCluster, steps: int = 25, skip: int = 5) -> dict:
+    """srun of the e2e benchmark GPT (6M parameters, TopK 1 % + EF14, node_size="auto") with rank 0 reading
+    node 0's eth0 counters after every step: steady-state bytes on the emulated link against comm_stats."""
+    import json
+
+    out = os.path.join(sc.dir, "bytes.json")
+    spec = json.dumps({"kind": "compressed", "compressor": "topk:0.01", "feedback": "ef14", "node_size": "auto",
+                       "name": "hier_topk1_auto"})
+    r = sc.run(["srun", "-N", "2", "-n", "4", "--kill-on-bad-exit=1", PY, os.path.join(ROOT, "experiments", "e2e_worker.py"),
+                "--method", spec, "--steps", str(steps), "--link-iface", "eth0", "--out", out], timeout=900,
+               env={"OMP_NUM_THREADS": "1"})
+    rec = json.load(open(out)) if os.path.exists(out) else {}
+    checks = {"exit 0": r.returncode == 0, "record written": bool(rec)}
+    res = {"name": f"srun 2 nodes x 2 tasks, steady-state inter-node bytes ({steps} steps)", "job": "srun",
+           "state": f"exit {r.returncode}", "checks": checks,
+           "tail": "\n".join([ln for ln in (r.stdout + r.stderr).strip().splitlines() if "Warning" not in ln][-6:])}
+    if rec:
+        n = len(rec["step_seconds"]) - skip
+        lc, ci = rec["link_counter"], rec["counted_inter"]
+        link = (lc[-1] - lc[skip]) / n / 2 / 2  # node 0's (rx + tx) / 2 per rank of its 2
+        counted = (ci[-1] - ci[skip]) / n
+        st = rec["comm_stats"].get("CompressedOptimizer", {})
+        checks["node_size 2 from SLURM_TASKS_PER_NODE"] = st.get("node_size") == 2
+        checks["link bytes within 5% of comm_stats"] = abs(link / counted - 1) < 0.05
+        res["steady"] = (link, counted)
+    return res
+
+
 def check_kill(sc: SlurmCluster, pg_timeout: int = 20) -> dict:
     out = os.path.join(sc.dir, "kill-%j.out")
     r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, "--max-iters", "2000", "--eval-every", "1000",
@@ -135,6 +166,11 @@ def report(results: list[dict], cmd: str) -> str:
                          f"links (eth0 counters, (rx + tx) / 2 / ranks; TCP/IP headers, rendezvous and evaluation "
                          f"all-reduces included) against {r['counted_inter'] / 1e6:.3f} MB counted by "
                          f"`comm_stats()['bytes_inter_node']` (ratio {r['link_per_rank'] / r['counted_inter']:.3f})")
+        if r.get("steady"):
+            link, counted = r["steady"]
+            lines.append(f"- steady state (steps 5..): {link / 1e6:.4f} MB per rank and step on the emulated link "
+                         f"(node 0's eth0 counters read by rank 0 after every step) against {counted / 1e6:.4f} MB "
+                         f"counted by `comm_stats()['bytes_inter_node']` (ratio {link / counted:.4f})")
         if r.get("ended_s") is not None:
             lines.append(f"- the job ended {r['ended_s']:.1f} s after the kill")
         for e in r.get("errors", []):
@@ -145,15 +181,17 @@ def report(results: list[dict], cmd: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", action="append", choices=("sbatch", "kill"))
+    ap.add_argument("--only", action="append", choices=("sbatch", "bytes", "kill"))
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "slurm_local.md"))
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    todo = a.only or ["sbatch", "kill"]
+    todo = a.only or ["sbatch", "bytes", "kill"]
     results = []
     with SlurmCluster(nodes=2, cpus=2, rate="1gbit") as sc:
         if "sbatch" in todo:
             results.append(check_sbatch(sc))
+        if "bytes" in todo:
+            results.append(check_bytes(sc))
         if "kill" in todo:
             results.append(check_kill(sc))
     text = report(results, " ".join(["python -m experiments.slurm_local", *sys.argv[1:]]))
