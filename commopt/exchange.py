@@ -117,9 +117,10 @@ class Exchange:
     """The three collectives over one process group. Every callback takes its collective's result from
     the future (``value()``), so a failed collective raises in the future DDP and the caller wait on."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None) -> None:
+    def __init__(self, group: Optional[dist.ProcessGroup] = None, where: Optional[str] = None) -> None:
         self.group = group
         self.n = dist.get_world_size(group)
+        self.where = where  # how a failure names this rank (default: its rank in ``group``)
 
     def send(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
              out: Optional[Tensor] = None, packed: Optional[Packed] = None) -> Future:
@@ -138,8 +139,9 @@ class Exchange:
     def _what(self, kind: str, vals: Tensor, d: int) -> str:
         """How a failure of this exchange is described: the collective, the message, this rank."""
         collective = "all_gather_into_tensor" if kind == "gather" else "all_reduce"
+        where = self.where or f"on rank {dist.get_rank(self.group)} of {self.n}"
         return (f"commopt: the {collective} of a {kind} exchange ({vals.numel()} of {d} values, "
-                f"{vals.dtype}) failed on rank {dist.get_rank(self.group)} of {self.n}")
+                f"{vals.dtype}) failed {where}")
 
     def start(self, kind: str, idx: Tensor, vals: Tensor, d: int, out_dtype: torch.dtype,
               out: Optional[Tensor] = None, packed: Optional[Packed] = None) -> "Deferred":

@@ -203,7 +203,9 @@ class CompressionState:
         if node_groups is None and self.node_size > 1:
             node_groups = NodeGroups.build(self.node_size, process_group)
         self.nodes: Optional[NodeGroups] = node_groups
-        self.inter_exchange = Exchange(self.nodes.inter) if self.nodes is not None else None
+        self.inter_exchange = None if self.nodes is None else Exchange(
+            self.nodes.inter, where=f"on rank {self.rank} of {self.world_size} (the inter-node group of local rank "
+                                    f"{self.nodes.local}, {self.nodes.N} nodes)")
         self._chains = (LaunchChain(), LaunchChain())  # inter-node exchange, intra-node all-gather
         self._warned_flat = False
         self.warmup_steps = warmup_steps
