@@ -61,9 +61,9 @@ def test_unused_layer_keeps_its_state_and_takes_no_slots(world, rule, comp, cap)
     sent = []
     real_send = st.exchange.send
 
-    def spy(kind, idx, vals, d, out_dtype, out=None):
+    def spy(kind, idx, vals, d, out_dtype, out=None, packed=None):
         sent.append((idx.clone(), vals.clone(), d))
-        return real_send(kind, idx, vals, d, out_dtype, out=out)
+        return real_send(kind, idx, vals, d, out_dtype, out=out, packed=packed)
 
     st.exchange.send = spy
     problems = []
