@@ -463,28 +463,53 @@ class CompressionState:
 
     def _adopt(self, pids: tuple[int, ...], numels: tuple[int, ...], buf: Tensor) -> dict[str, Tensor]:
         """State for a new block, cut from the per-parameter state of older blocks ({} if any is missing).
-        Under node_size = L > 1 the state is one shard of a block and cannot be cut per parameter: a new
-        block starts with a dense round."""
+        Under node_size = L > 1 a rank holds one shard of each block: the old blocks' shards are first
+        all-gathered inside the node (:meth:`_node_full_state`), then the new block's shard is cut."""
         if not self.slot_names or any(pid not in self._block_of for pid in pids):
             return {}
+        full: dict[int, dict[str, Tensor]] = {}
         if self.nodes is not None:
-            if any(self._block_of[pid][0].slots for pid in pids) and not self.in_warmup():
-                warnings.warn(
-                    f"commopt: node_size={self.node_size}: DDP's buckets changed after the feedback state was built "
-                    f"(e.g. DDP's bucket rebuild after a resume); a bucket of {len(pids)} parameter(s) no longer "
-                    "matches the saved blocks, and a node's shard of a block cannot be cut per parameter, so its "
-                    "feedback state restarts with a dense round (the run does not continue bitwise)",
-                    RuntimeWarning, stacklevel=4)
-            return {}
+            if self.in_warmup() or not all(self._block_of[pid][0].slots for pid in pids):
+                return {}  # a dense round (re)initialises it anyway
+            for pid in pids:  # in the block's parameter order: the same gathers in the same order on every rank
+                blk = self._block_of[pid][0]
+                if id(blk) not in full:
+                    full[id(blk)] = self._node_full_state(blk)
         sdt = _state_dtype(buf.dtype)
         parts: dict[str, list[Tensor]] = {n: [] for n in self.slot_names}
         for pid, numel in zip(pids, numels):
             blk, off = self._block_of[pid]
             if not blk.slots:
                 return {}
+            src = full.get(id(blk), blk.slots)
             for n in self.slot_names:
-                parts[n].append(blk.slots[n][off:off + numel].to(device=buf.device, dtype=sdt))
-        return {n: torch.cat(v) for n, v in parts.items()}
+                parts[n].append(src[n][off:off + numel].to(device=buf.device, dtype=sdt))
+        state = {n: torch.cat(v) for n, v in parts.items()}
+        if self.nodes is None:
+            return state
+        L, j = self.nodes.L, self.nodes.local
+        sh = shard_size(sum(numels), L)
+        out = {}
+        for n, v in state.items():
+            padded = torch.zeros(L * sh, dtype=v.dtype, device=v.device)
+            padded[:v.numel()].copy_(v)
+            out[n] = padded[j * sh:(j + 1) * sh].clone()
+        return out
+
+    def _node_full_state(self, blk: Block) -> dict[str, Tensor]:
+        """This node's whole-block state of ``blk`` (its ranks' shards, all-gathered inside the node; the
+        replicated slots are then the whole replicated state). A blocking collective of the node, run only
+        when DDP's buckets stop matching the blocks after the state exists (a resume, a late rebuild), on
+        the hook's thread, in bucket order."""
+        H = self.nodes
+        assert H is not None
+        out = {}
+        for n in self.slot_names:
+            shard = blk.slots[n].contiguous()
+            gathered = torch.empty(H.L * shard.numel(), dtype=shard.dtype, device=shard.device)
+            _all_gather_single(gathered, shard, group=H.scatter)
+            out[n] = gathered[:blk.d]
+        return out
 
     # -- the two kinds of round (one block each); the math is in round.py ---------------------------
     def _scale(self) -> Optional[Tensor]:
