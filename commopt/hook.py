@@ -426,7 +426,10 @@ class CompressionState:
                 if all(blk is not b for b in blocks):
                     blocks.append(blk)
         exact = bool(blocks) and sorted(pid for b in blocks for pid in b.pids) == sorted(layout)
-        if not exact or (len(blocks) == 1 and blocks[0].pids != layout):
+        # a bucket holding exactly one block's parameters in another order (a fresh DDP's first buckets after a
+        # resume): flat, a new block in buffer order (TopK does not depend on the order); under node_size the
+        # block's shards do, so the block is kept and the bucket is read in its order (index_select)
+        if not exact or (len(blocks) == 1 and blocks[0].pids != layout and self.nodes is None):
             # a new block in buffer order; state is cut per parameter from the old blocks
             blocks = [self._make_block(layout, numels, self._adopt(layout, numels, buf), buf.device)]
             self._order[id(blocks[0])] = index

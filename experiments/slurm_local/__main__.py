@@ -109,6 +109,50 @@ def check_bytes(sc: SlurmCluster, steps: int = 25, skip: int = 5) -> dict:
     return res
 
 
+def _last_iter(text: str) -> "tuple[int, str] | None":
+    found = re.findall(r"^iter\s+(\d+): (train loss \S+, val loss \S+)", text, re.M)
+    return (int(found[-1][0]), found[-1][1]) if found else None
+
+
+def check_timeout(sc: SlurmCluster, iters: int = 400) -> dict:
+    """A job that hits its time limit (1 min) after per-rank checkpoints resumes from them in a new sbatch
+    and ends with the uninterrupted job's losses."""
+    # checkpoints at evaluation points: train_nanogpt.py resumes exactly from those (run_nanogpt_check.py's rule)
+    common = ["--max-iters", str(iters), "--eval-every", "25", "--save-every", "25", "--ckpt-mode", "per-rank"]
+    env = {"PYTHON": PY, "PYTHONUNBUFFERED": "1"}
+    d1, d2 = os.path.join(sc.dir, "t_cut"), os.path.join(sc.dir, "t_full")
+    out_a, out_b, out_c = (os.path.join(sc.dir, f"timeout-{x}-%j.out") for x in "abc")
+    ra = sc.run(["sbatch", "--wait", "--time=1", "-o", out_a, "--export=ALL", SBATCH, *common, "--out-dir", d1],
+                timeout=400, env=env)
+    ja = re.search(r"Submitted batch job (\d+)", ra.stdout).group(1)
+    state_a = job_state(sc, ja)
+    text_a = open(out_a.replace("%j", ja)).read()
+    rb = sc.run(["sbatch", "--wait", "-o", out_b, "--export=ALL", SBATCH, *common, "--out-dir", d1, "--resume"],
+                timeout=600, env=env)
+    jb = re.search(r"Submitted batch job (\d+)", rb.stdout).group(1)
+    text_b = open(out_b.replace("%j", jb)).read()
+    rc = sc.run(["sbatch", "--wait", "-o", out_c, "--export=ALL", SBATCH, *common, "--out-dir", d2],
+                timeout=600, env=env)
+    jc = re.search(r"Submitted batch job (\d+)", rc.stdout).group(1)
+    text_c = open(out_c.replace("%j", jc)).read()
+    saved = re.findall(r"saved checkpoint at iter (\d+)", text_a)
+    resumed = re.search(r"resum\w* .*?iter (\d+)", text_b)
+    lb, lc = _last_iter(text_b), _last_iter(text_c)
+    checks = {
+        "the first job hit its time limit": "TIMEOUT" in state_a,
+        "it had saved checkpoints": bool(saved),
+        "the resumed job finished": rb.returncode == 0 and lb is not None and lb[0] == iters,
+        "the uninterrupted job finished": rc.returncode == 0 and lc is not None and lc[0] == iters,
+        "identical final losses (resumed = uninterrupted)": lb is not None and lb == lc,
+    }
+    return {"name": f"time limit, then resume in a new sbatch ({iters} iterations, per-rank checkpoints)",
+            "job": f"{ja} (cut), {jb} (resumed), {jc} (uninterrupted)", "state": state_a, "checks": checks,
+            "tail": "\n".join([f"cut job: last checkpoint at iter {saved[-1] if saved else '-'}",
+                               f"resumed: {resumed.group(0) if resumed else '?'}",
+                               f"resumed job, iter {lb[0] if lb else '?'}: {lb[1] if lb else '?'}",
+                               f"uninterrupted job, iter {lc[0] if lc else '?'}: {lc[1] if lc else '?'}"])}
+
+
 def check_kill(sc: SlurmCluster, pg_timeout: int = 20) -> dict:
     out = os.path.join(sc.dir, "kill-%j.out")
     r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, "--max-iters", "2000", "--eval-every", "1000",
@@ -181,11 +225,11 @@ def report(results: list[dict], cmd: str) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", action="append", choices=("sbatch", "bytes", "kill"))
+    ap.add_argument("--only", action="append", choices=("sbatch", "bytes", "kill", "timeout"))
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "slurm_local.md"))
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    todo = a.only or ["sbatch", "bytes", "kill"]
+    todo = a.only or ["sbatch", "bytes", "kill", "timeout"]
     results = []
     with SlurmCluster(nodes=2, cpus=2, rate="1gbit") as sc:
         if "sbatch" in todo:
@@ -194,6 +238,8 @@ def main() -> int:
             results.append(check_bytes(sc))
         if "kill" in todo:
             results.append(check_kill(sc))
+        if "timeout" in todo:
+            results.append(check_timeout(sc))
     text = report(results, " ".join(["python -m experiments.slurm_local", *sys.argv[1:]]))
     print(text)
     if not a.no_write:
