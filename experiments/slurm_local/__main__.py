@@ -114,11 +114,12 @@ def _last_iter(text: str) -> "tuple[int, str] | None":
     return (int(found[-1][0]), found[-1][1]) if found else None
 
 
-def check_timeout(sc: SlurmCluster, iters: int = 400) -> dict:
+def check_timeout(sc: SlurmCluster, iters: int = 400, extra: "tuple[str, ...]" = ()) -> dict:
     """A job that hits its time limit (1 min) after per-rank checkpoints resumes from them in a new sbatch
     and ends with the uninterrupted job's losses."""
     # checkpoints at evaluation points: train_nanogpt.py resumes exactly from those (run_nanogpt_check.py's rule)
-    common = ["--max-iters", str(iters), "--eval-every", "25", "--save-every", "25", "--ckpt-mode", "per-rank"]
+    common = ["--max-iters", str(iters), "--eval-every", "25", "--save-every", "25", "--ckpt-mode", "per-rank",
+              *extra]
     env = {"PYTHON": PY, "PYTHONUNBUFFERED": "1"}
     d1, d2 = os.path.join(sc.dir, "t_cut"), os.path.join(sc.dir, "t_full")
     out_a, out_b, out_c = (os.path.join(sc.dir, f"timeout-{x}-%j.out") for x in "abc")
