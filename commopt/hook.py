@@ -612,10 +612,10 @@ class CompressionState:
             part = torch.empty(sh, dtype=g_in.dtype, device=g_in.device)
             rs = _reduce_scatter_single(part, src, group=H.scatter, async_op=True)
             collective = "reduce_scatter_tensor"
-        else:  # gloo's reduce-scatter has no future: all-reduce the node's bucket and keep shard j
-            summed = src.clone()
-            rs = dist.all_reduce(summed, group=H.scatter, async_op=True)
-            part = summed.narrow(0, H.local * sh, sh)
+        else:  # gloo's reduce-scatter has no future: all-reduce the node's bucket (in place, as the flat dense
+            # round does: the bucket's local values are not read again) and keep shard j
+            rs = dist.all_reduce(src, group=H.scatter, async_op=True)
+            part = src.narrow(0, H.local * sh, sh)
             collective = "all_reduce (for a reduce-scatter)"
         scattered = _chained(rs, lambda: part, f"commopt: the intra-node {collective} of a bucket ({d} "
                                                f"values, {g_in.dtype}) failed {where}")
