@@ -196,7 +196,8 @@ def _future_like(t: Tensor) -> Future:
 
 
 def _settled(f: Future) -> None:
-    """Done once ``f`` is done, whatever its outcome (the outcome is read from ``f`` itself)."""
+    """Done once ``f`` is done, whatever its outcome (the outcome is read from ``f`` itself); as a ``.then``
+    callback, a future that completes successfully once ``f`` has (also used by the hook's ``_when_all``)."""
     try:
         f.wait()
     except Exception:  # noqa: BLE001 - re-raised by whoever reads f

@@ -42,7 +42,8 @@ from . import kernels
 from .compressors import Compressor, make_compressor
 from .consistency import bit_checksum
 from .exchange import Exchange, _all_gather_single, _chained, choose_exchange, unwrapped
-from .hierarchy import LaunchChain, NodeGroups, agree_node_size, intra_node_bytes, local_world_size, shard_key, shard_size
+from .hierarchy import (LaunchChain, NodeGroups, _settled, agree_node_size, intra_node_bytes, local_world_size,
+                        shard_key, shard_size)
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start, hold_on_current_stream, unscaled, write_estimate
 
@@ -1055,14 +1056,6 @@ def refuse_python_reducer(ddp_model: Any = None) -> None:
             "compiled autograd's Python reducer calls DDP communication hooks per parameter as hook(state, "
             "(grad, param)) instead of with a GradBucket, so commopt's compression_hook cannot run there. Use the "
             "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
-
-
-def _settled(f: Future) -> None:
-    """A callback that completes successfully once ``f`` is done, whatever its outcome."""
-    try:
-        f.wait()
-    except Exception:  # noqa: BLE001 - the caller re-raises it from the original future
-        pass
 
 
 def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:
