@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import traceback
@@ -251,6 +252,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
                    help="resume from CKPT (default: OUT_DIR/ckpt.pt, or OUT_DIR/ckpt.rank{rank}.pt with "
                         "--ckpt-mode per-rank); '{rank}' in CKPT is replaced by this rank")
+    p.add_argument("--resume-if-present", action="store_true",
+                   help="resume like --resume when there is a checkpoint to resume from, else start fresh "
+                        "(a requeued job)")
     p.add_argument("--ckpt-mode", choices=("master", "per-rank", "both"), default="master",
                    help="master: rank 0 writes one file that every rank loads (nanoGPT); per-rank: every rank "
                         "writes and loads its own file (commopt's exact-resume recipe); both: write both kinds, "
@@ -353,6 +357,43 @@ def estimate_loss(model: nn.Module, data: dict, args, ctx, rank: int, world_size
     return out
 
 
+def choose_checkpoint(args: argparse.Namespace, rank: int, world_size: int) -> "str | None":
+    """The file this rank resumes from, or None for a fresh start; the same decision on every rank.
+
+    ``--resume CKPT`` names it. ``--resume`` alone reads OUT_DIR/ckpt.pt (master mode) or, per rank, the
+    newest iteration of which *every* rank has its ``ckpt_<iter>.rank<r>.pt``: a job that died while
+    saving (a node failure) may have left some ranks' newest files only, and mixing iterations would
+    silently diverge. ``--resume-if-present`` (a requeued SLURM job: slurm/train_cpu.sbatch) does the same,
+    and starts fresh when there is nothing to resume from yet."""
+    if args.resume is None and not args.resume_if_present:
+        return None
+    if args.resume:
+        return args.resume.replace("{rank}", str(rank))
+    if args.ckpt_mode != "per-rank":
+        path = os.path.join(args.out_dir, "ckpt.pt")
+        found = [None] * world_size
+        dist.all_gather_object(found, os.path.exists(path))
+        if all(found):
+            return path
+        if args.resume_if_present and not any(found):
+            return None
+        raise FileNotFoundError(f"{path} is missing on ranks {[r for r, f in enumerate(found) if not f]}: "
+                                f"nothing to resume from")
+    pattern = re.compile(rf"ckpt_(\d+)\.rank{rank}\.pt$")
+    mine = sorted(int(m.group(1)) for f in (os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else [])
+                  if (m := pattern.match(f)))
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, mine)
+    common = set(everyone[0]).intersection(*everyone[1:])
+    if not common:
+        if args.resume_if_present:
+            return None
+        raise FileNotFoundError(f"no iteration has a checkpoint of every rank in {args.out_dir} "
+                                f"(iterations per rank: {everyone}): nothing to resume from")
+    it = max(common)
+    return os.path.join(args.out_dir, f"ckpt_{it:06d}.rank{rank}.pt")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     info = commopt.init_distributed(backend=args.backend)
@@ -385,9 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     model_args = asdict(GPTConfig(block_size=args.block_size, vocab_size=len(VOCAB), n_layer=args.n_layer,
                                   n_head=args.n_head, n_embd=args.n_embd, dropout=args.dropout))
     iter_num, best_val_loss, checkpoint, resumed_from = 0, 1e9, None, None
-    if args.resume is not None:
-        default = "ckpt.rank{rank}.pt" if args.ckpt_mode == "per-rank" else "ckpt.pt"
-        ckpt_path = (args.resume or os.path.join(args.out_dir, default)).replace("{rank}", str(rank))
+    ckpt_path = choose_checkpoint(args, rank, world_size)
+    if ckpt_path is not None:
         # nanoGPT: every rank reads rank 0's single checkpoint (per-rank mode: its own file)
         checkpoint = torch.load(ckpt_path, map_location=device)
         if checkpoint.get("rank", 0) != rank and args.ckpt_mode == "per-rank":
@@ -399,6 +439,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             say(f"warning: checkpoint was written with --opt {checkpoint['config'].get('opt')}, resuming with "
                 f"--opt {args.opt}")
         resumed_from = ckpt_path
+        iters = [None] * world_size
+        dist.all_gather_object(iters, checkpoint["iter_num"])
+        if len(set(iters)) != 1:
+            raise RuntimeError(f"the ranks' checkpoints are of different iterations ({iters}): resuming from them "
+                               f"would mix states; resume every rank from the same iteration's files")
     raw_model = GPT(GPTConfig(**model_args)).to(device)
     if checkpoint is not None:
         sd = checkpoint["model"]

@@ -1,5 +1,6 @@
 """srun for real: a local SLURM cluster of 2 emulated nodes (experiments/slurm_local), the CPU sbatch
-template on 2 nodes × 2 tasks, and one task SIGKILLed. Needs root, iproute2 and Debian's SLURM packages
+template on 2 nodes × 2 tasks, one task SIGKILLed, and a node's slurmd stopped (the job requeued and
+resumed from its checkpoints). Needs root, iproute2 and Debian's SLURM packages
 (scripts/install_slurm.sh installs them in .ci/run); skips, saying why, otherwise."""
 
 from __future__ import annotations
@@ -30,15 +31,16 @@ WHY = _unavailable()
 
 @pytest.mark.skipif(WHY is not None, reason=f"no local SLURM cluster here: {WHY}")
 @pytest.mark.timeout(900)
-def test_sbatch_and_a_killed_task_on_a_real_local_slurm(tmp_path):
+def test_sbatch_a_killed_task_and_a_failed_node_on_a_real_local_slurm(tmp_path):
     out = tmp_path / "slurm_local.md"
     r = subprocess.run([sys.executable, "-m", "experiments.slurm_local", "--out", str(out), "--only", "sbatch",
-                        "--only", "kill"], cwd=ROOT,
+                        "--only", "kill", "--only", "slurmd"], cwd=ROOT,
                        capture_output=True, text=True, timeout=840)
     text = out.read_text() if out.exists() else r.stdout
     assert r.returncode == 0, f"{text[-4000:]}\n{r.stderr[-3000:]}"
     assert "## sbatch 2 nodes x 2 tasks: pass" in text
     assert "## one task SIGKILLed: pass" in text
+    assert "## node 1's slurmd stopped, the job requeued and resumed: pass" in text
     # nothing left behind: the /etc/hosts lines and the daemons are gone
     assert "# cmt" not in open("/etc/hosts").read()
     for daemon in ("slurmd", "slurmctld"):

@@ -13,6 +13,15 @@
 * ``kill``: the same job, longer; once it trains, one task on node 1 is SIGKILLed from outside; the job
   must end as a whole (``--kill-on-bad-exit``) within the process group's timeout, the survivors with
   commopt's named error, nothing left running.
+* ``timeout``: a job cut by its 1-minute time limit after per-rank checkpoints resumes in a new ``sbatch``
+  and ends with the uninterrupted job's losses.
+* ``slurmd``: node 1's slurmd is stopped while a job trains: the controller marks the node down and
+  requeues the job, every rank ends (none hangs), node 1's with commopt's named error; slurmd comes back,
+  and the requeued job resumes from the newest checkpoint of every rank and finishes (with ``timeout``
+  run too: with the uninterrupted job's losses).
+
+The time-limit and node-failure jobs are sized by a short pace run (about 100 s of training), so that
+they outlast the limit or the node timeout on a quiet and on a loaded machine.
 """
 
 from __future__ import annotations
@@ -114,6 +123,25 @@ def _last_iter(text: str) -> "tuple[int, str] | None":
     return (int(found[-1][0]), found[-1][1]) if found else None
 
 
+def pace(sc: SlurmCluster) -> float:
+    """Seconds per training iteration of the CPU template's model on this cluster now (a 40-iteration srun):
+    the time-limit and node-failure checks size their jobs by it, so that they outlast the 1-minute limit
+    or the controller's node timeout on a quiet machine as on a loaded one."""
+    r = sc.run(["srun", "-N", "2", "-n", "4", "--kill-on-bad-exit=1", PY, os.path.join(ROOT, "experiments", "train_nanogpt.py"),
+                "--opt", "compressed", "--node-size", "auto", "--n-layer", "2", "--n-embd", "64", "--max-iters", "40",
+                "--eval-every", "20", "--out-dir", os.path.join(sc.dir, "pace")], timeout=300,
+               env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    ms = re.findall(r"([\d.]+) ms/iter", r.stdout)
+    if r.returncode != 0 or not ms:
+        raise RuntimeError(f"the pace job failed (rc {r.returncode}):\n{(r.stdout + r.stderr)[-3000:]}")
+    return float(ms[-1]) / 1e3
+
+
+def job_iters(sec_per_iter: float, seconds: float = 100) -> int:
+    """Iterations of a job that trains for about ``seconds`` (at least 400, a multiple of 25)."""
+    return max(400, -(-int(seconds / sec_per_iter) // 25) * 25)
+
+
 def check_timeout(sc: SlurmCluster, iters: int = 400, extra: "tuple[str, ...]" = ()) -> dict:
     """A job that hits its time limit (1 min) after per-rank checkpoints resumes from them in a new sbatch
     and ends with the uninterrupted job's losses."""
@@ -148,44 +176,68 @@ def check_timeout(sc: SlurmCluster, iters: int = 400, extra: "tuple[str, ...]" =
     }
     return {"name": f"time limit, then resume in a new sbatch ({iters} iterations, per-rank checkpoints)",
             "job": f"{ja} (cut), {jb} (resumed), {jc} (uninterrupted)", "state": state_a, "checks": checks,
+            "uninterrupted": lc,
             "tail": "\n".join([f"cut job: last checkpoint at iter {saved[-1] if saved else '-'}",
                                f"resumed: {resumed.group(0) if resumed else '?'}",
                                f"resumed job, iter {lb[0] if lb else '?'}: {lb[1] if lb else '?'}",
                                f"uninterrupted job, iter {lc[0] if lc else '?'}: {lc[1] if lc else '?'}"])}
 
 
-def check_kill(sc: SlurmCluster, pg_timeout: int = 20) -> dict:
-    out = os.path.join(sc.dir, "kill-%j.out")
+def _ranks_in(sc: SlurmCluster, node: int) -> list[int]:
+    """pids of training ranks running in node ``node``'s namespace."""
+    pids = subprocess.run(["ip", "netns", "pids", sc.net.netns[node]], capture_output=True, text=True).stdout.split()
+    out = []
+    for p in pids:
+        try:
+            if "train_nanogpt.py" in open(f"/proc/{p}/cmdline").read().replace("\0", " "):
+                out.append(int(p))
+        except OSError:  # ended meanwhile
+            pass
+    return out
+
+
+def _start_training_job(sc: SlurmCluster, tag: str) -> "tuple[str, str]":
+    """sbatch a long job and return (job id, output path) once it trains (past its first evaluation)."""
+    out = os.path.join(sc.dir, f"{tag}-%j.out")
     r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, "--max-iters", "2000", "--eval-every", "1000",
-                "--out-dir", os.path.join(sc.dir, "out2")],
+                "--out-dir", os.path.join(sc.dir, f"out-{tag}")],
                timeout=60, env={"PYTHON": PY, "PYTHONUNBUFFERED": "1"})
     job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     path = out.replace("%j", job)
     deadline = time.time() + 240
-    while time.time() < deadline:  # wait until it trains (past the first evaluation)
+    while time.time() < deadline:
         if os.path.exists(path) and re.search(r"^iter\s+0:", open(path).read(), re.M):
             break
         time.sleep(1)
     time.sleep(5)
-    pids = subprocess.run(["ip", "netns", "pids", sc.net.netns[1]], capture_output=True, text=True).stdout.split()
-    victims = [p for p in pids if "train_nanogpt.py" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
-    t_kill = time.time()
-    os.kill(int(victims[0]), signal.SIGKILL)
-    ended = None
-    while time.time() < t_kill + pg_timeout + 60:
+    return job, path
+
+
+def _wait_gone(sc: SlurmCluster, job: str, since: float, limit: float) -> "float | None":
+    """Seconds from ``since`` until the job left the queue, or None (then it is cancelled) after ``limit``."""
+    while time.time() < since + limit:
         q = sc.run(["squeue", "-h", "-j", job], timeout=30)
         if not q.stdout.strip():
-            ended = time.time() - t_kill
-            break
+            return time.time() - since
         time.sleep(1)
-    if ended is None:
-        sc.run(["scancel", job])
+    sc.run(["scancel", job])
+    return None
+
+
+def _named_errors(text: str) -> list[str]:
+    return sorted(set(re.findall(r"(commopt: the [^\n]*?failed on rank \d+ of \d+)", text)))
+
+
+def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
+    job, path = _start_training_job(sc, "kill")
+    victims = _ranks_in(sc, 1)
+    t_kill = time.time()
+    os.kill(victims[0], signal.SIGKILL)
+    ended = _wait_gone(sc, job, t_kill, limit)
     time.sleep(2)
     text = open(path).read()
-    left = [p for ns in sc.net.netns for p in subprocess.run(["ip", "netns", "pids", ns], capture_output=True,
-                                                              text=True).stdout.split()
-            if "train_nanogpt" in open(f"/proc/{p}/cmdline").read().replace("\0", " ")]
-    errors = sorted(set(re.findall(r"(commopt: the [^\n]*?failed on rank \d+ of \d+)", text)))
+    left = _ranks_in(sc, 0) + _ranks_in(sc, 1)
+    errors = _named_errors(text)
     checks = {
         "job ended by itself": ended is not None,
         "a survivor raised commopt's named error": bool(errors),
@@ -196,12 +248,96 @@ def check_kill(sc: SlurmCluster, pg_timeout: int = 20) -> dict:
             "tail": "\n".join([ln for ln in text.strip().splitlines() if "Warning" not in ln][-12:])}
 
 
-def report(results: list[dict], cmd: str) -> str:
+def _task_errors(paths: "list[str]") -> "dict[str, str]":
+    """Each task's last words: the last line of its stderr file that names an error."""
+    out = {}
+    for p in sorted(paths):
+        lines = [ln.strip() for ln in open(p, errors="replace") if ln.strip()]
+        errs = [ln for ln in lines if re.search(r"error|Error|failed|Terminated|CANCELLED", ln)]
+        out[os.path.basename(p)] = (errs or lines or ["(nothing)"])[-1][:240]
+    return out
+
+
+def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int, str] | None" = None,
+                      limit: float = 150) -> dict:
+    """Node 1's slurmd is stopped (SIGTERM by its pid, as ``systemctl stop slurmd`` would) while a job
+    trains with per-rank checkpoints. The controller marks the node DOWN after ``SlurmdTimeout``, cancels
+    the job (NODE_FAIL) and requeues it; every rank must end (node 0's terminated by SLURM, node 1's, whose
+    slurmd is gone, by commopt's named error once their peers are gone), nothing left running. slurmd is
+    then restarted: the requeued job runs again, resumes from the newest checkpoint every rank has and
+    finishes; with ``reference`` (the uninterrupted job of :func:`check_timeout`, same arguments) its final
+    losses must be the same."""
+    common = ["--max-iters", str(iters), "--eval-every", "25", "--save-every", "25", "--ckpt-mode", "per-rank"]
+    out = os.path.join(sc.dir, "slurmd-%j.out")
+    errdir = os.path.join(sc.dir, "slurmd-tasks")
+    os.makedirs(errdir, exist_ok=True)
+    # each task's stderr in its own file, written on its node (srun's --error, read from the environment):
+    # a task's last words survive srun's end
+    env = {"PYTHON": PY, "PYTHONUNBUFFERED": "1", "SLURM_STDERRMODE": os.path.join(errdir, "task-%j-%s-%t.err")}
+    r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, *common, "--out-dir", os.path.join(sc.dir, "t_node")],
+               timeout=60, env=env)
+    job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
+    path = out.replace("%j", job)
+    deadline = time.time() + 240
+    while time.time() < deadline:  # until a checkpoint of iter 50 exists
+        if os.path.exists(path) and "saved checkpoint at iter 50" in open(path).read():
+            break
+        time.sleep(1)
+    time.sleep(3)
+    before = _ranks_in(sc, 1)
+    t_stop = time.time()
+    pid = sc.stop_slurmd(1)
+    all_ended = None
+    while time.time() < t_stop + limit:
+        if not _ranks_in(sc, 0) and not _ranks_in(sc, 1):
+            all_ended = time.time() - t_stop
+            break
+        time.sleep(1)
+    left = _ranks_in(sc, 0) + _ranks_in(sc, 1)
+    for p in left:  # never leave them behind, whatever the verdict
+        os.kill(p, signal.SIGKILL)
+    node_state = sc.run(["sinfo", "-h", "-n", sc.names[1], "-o", "%T %E"], timeout=20).stdout.strip()
+    queued = sc.run(["squeue", "-h", "-j", job, "-o", "%T %r"], timeout=20).stdout.strip()
+    tasks = _task_errors([os.path.join(errdir, f) for f in os.listdir(errdir) if f.startswith(f"task-{job}-0-")])
+    # the node comes back: the requeued job runs again and resumes
+    t_back = time.time()
+    sc.start_slurmd(1)
+    sc.run(["scontrol", "update", f"nodename={sc.names[1]}", "state=resume"], timeout=20)
+    finished = _wait_gone(sc, job, t_back, 900)
+    text = open(path).read()
+    runs = re.findall(r"^job \d+ \(run (\d+)\)", text, re.M)
+    resumed = re.search(r"resumed from \S+ at iter (\d+)", text)
+    last = _last_iter(text)
+    checks = {
+        "node 1 had ranks training when its slurmd stopped": bool(before),
+        "every rank ended (none hung)": all_ended is not None and not left,
+        "node 1 marked down": node_state.startswith("down"),
+        "the job was requeued": "PENDING" in queued or len(runs) > 1,
+        "node 1's ranks ended with commopt's named error": sum("commopt: the" in e for k, e in tasks.items()
+                                                               if int(k.rsplit("-", 1)[1][:-4]) >= 2) == 2,
+        "the requeued job ran again, resumed from a checkpoint and finished": (
+            finished is not None and runs[-1:] == ["2"] and resumed is not None and last is not None
+            and last[0] == iters),
+    }
+    if reference is not None:
+        checks["its final losses = the uninterrupted job's"] = last == reference
+    tail = [f"job {job}: node 1's slurmd (pid {pid}) stopped after the checkpoint of iter 50",
+            f"every rank had ended {all_ended:.1f} s later" if all_ended is not None else "ranks still running",
+            f"node 1: {node_state}; job: {queued or 'not queued'}",
+            *(f"{k}: {v}" for k, v in tasks.items()),
+            f"run 2: {resumed.group(0) if resumed else 'no resume'}; iter {last[0] if last else '?'}: "
+            f"{last[1] if last else '?'}",
+            f"uninterrupted job (time-limit check), iter {reference[0]}: {reference[1]}" if reference else ""]
+    return {"name": "node 1's slurmd stopped, the job requeued and resumed", "job": job, "checks": checks,
+            "state": job_state(sc, job), "tail": "\n".join(t for t in tail if t)}
+
+
+def report(results: list[dict], cmd: str, notes: "list[str]" = ()) -> str:
     lines = ["# Real SLURM on a local cluster of emulated nodes", "",
              f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC; command: `{cmd}` (this file is its output)",
              "- cluster: `experiments/slurm_local` — 2 nodes, each a network namespace of `experiments/netem` "
              "(1 Gbit/s links, tc tbf) with its own UTS namespace and host name, one `slurmd -N` per node, "
-             "`slurmctld` in node 0's, one munged; Debian's slurm 22.05 packages", ""]
+             "`slurmctld` in node 0's, one munged; Debian's slurm 22.05 packages", *notes, ""]
     for r in results:
         ok = all(r["checks"].values())
         lines += [f"## {r['name']}: {'pass' if ok else 'FAIL'}", "", f"job {r['job']}, final state: {r['state']}", ""]
@@ -218,21 +354,32 @@ def report(results: list[dict], cmd: str) -> str:
                          f"counted by `comm_stats()['bytes_inter_node']` (ratio {link / counted:.4f})")
         if r.get("ended_s") is not None:
             lines.append(f"- the job ended {r['ended_s']:.1f} s after the kill")
+
         for e in r.get("errors", []):
             lines.append(f"- survivor error: `{e}`")
         lines += ["", "```", r["tail"], "```", ""]
     return "\n".join(lines)
 
 
+CHECKS = ("sbatch", "bytes", "kill", "slurmd", "timeout")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", action="append", choices=("sbatch", "bytes", "kill", "timeout"))
+    ap.add_argument("--only", action="append", choices=CHECKS)
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "slurm_local.md"))
     ap.add_argument("--no-write", action="store_true")
     a = ap.parse_args()
-    todo = a.only or ["sbatch", "bytes", "kill", "timeout"]
-    results = []
+    todo = a.only or list(CHECKS)
+    results: list[dict] = []
     with SlurmCluster(nodes=2, cpus=2, rate="1gbit") as sc:
+        notes = []
+        iters = 400
+        if {"timeout", "slurmd"} & set(todo):
+            sec = pace(sc)
+            iters = job_iters(sec)
+            notes.append(f"- pace: {sec * 1e3:.1f} ms per iteration (a 40-iteration srun), so the time-limit and "
+                         f"node-failure jobs train {iters} iterations (about 100 s uninterrupted)")
         if "sbatch" in todo:
             results.append(check_sbatch(sc))
         if "bytes" in todo:
@@ -240,8 +387,11 @@ def main() -> int:
         if "kill" in todo:
             results.append(check_kill(sc))
         if "timeout" in todo:
-            results.append(check_timeout(sc))
-    text = report(results, " ".join(["python -m experiments.slurm_local", *sys.argv[1:]]))
+            results.append(check_timeout(sc, iters=iters))
+        if "slurmd" in todo:
+            ref = results[-1].get("uninterrupted") if "timeout" in todo else None
+            results.append(check_slurmd_stop(sc, iters=iters, reference=ref))
+    text = report(results, " ".join(["python -m experiments.slurm_local", *sys.argv[1:]]), notes)
     print(text)
     if not a.no_write:
         with open(a.out, "w") as f:

@@ -59,6 +59,7 @@ class SlurmCluster:
         self.conf = os.path.join(self.dir, "slurm.conf")
         self.sock = os.path.join(self.dir, "munge.sock")
         self._procs: list[subprocess.Popen] = []
+        self._slurmd: dict[int, subprocess.Popen] = {}
         self._pids: list[str] = []
         self._hosts_added = False
 
@@ -87,10 +88,28 @@ class SlurmCluster:
         # each daemon in its node's namespace and its own UTS namespace, under the node's host name (slurmctld
         # checks that it runs on SlurmctldHost; a job's `hostname` is then its node's)
         self._spawn(0, [_which("slurmctld"), "-D", "-f", self.conf], "slurmctld.out", env, host=self.names[0] + "c")
-        for i, name in enumerate(self.names):
-            os.makedirs(os.path.join(self.dir, "spool", name), exist_ok=True)
-            self._spawn(i, [_which("slurmd"), "-D", "-f", self.conf, "-N", name], f"slurmd.{name}.out", env, host=name)
+        for i in range(self.nodes):
+            self.start_slurmd(i)
         self.wait_idle()
+
+    def start_slurmd(self, i: int) -> None:
+        """(Re)start node ``i``'s slurmd, in the node's namespaces and under its host name."""
+        name = self.names[i]
+        os.makedirs(os.path.join(self.dir, "spool", name), exist_ok=True)
+        self._slurmd[i] = self._spawn(i, [_which("slurmd"), "-D", "-f", self.conf, "-N", name],
+                                      f"slurmd.{name}.out", self.env(), host=name)
+
+    def stop_slurmd(self, i: int, sig: int = signal.SIGTERM, timeout: float = 15) -> int:
+        """Stop node ``i``'s slurmd by its own pid (as ``systemctl stop slurmd`` would), its job steps left
+        running; returns the pid."""
+        p = self._slurmd[i]
+        p.send_signal(sig)
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        return p.pid
 
     def down(self) -> None:
         for p in reversed(self._procs):
@@ -121,12 +140,14 @@ class SlurmCluster:
         env.update(extra or {})
         return env
 
-    def _spawn(self, node: int, argv: Sequence[str], log: str, env: Mapping[str, str], host: str) -> None:
-        out = open(os.path.join(self.dir, log), "w")
-        inner = 'hostname "$0" && exec "$@"'
-        self._procs.append(subprocess.Popen(
+    def _spawn(self, node: int, argv: Sequence[str], log: str, env: Mapping[str, str], host: str) -> subprocess.Popen:
+        out = open(os.path.join(self.dir, log), "a")
+        inner = 'hostname "$0" && exec "$@"'  # ip netns exec, unshare and sh all exec: the pid is the daemon's
+        p = subprocess.Popen(
             ["ip", "netns", "exec", self.net.netns[node], "unshare", "--uts", "--", "sh", "-c", inner, host, *argv],
-            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+            env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self._procs.append(p)
+        return p
 
     def _start_munge(self) -> None:
         key = os.path.join(self.dir, "munge.key")
@@ -165,7 +186,7 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SlurmctldPort=6817
 SlurmdPort=6818
-SlurmdTimeout=30
+SlurmdTimeout=20
 InactiveLimit=0
 KillWait=5
 {nodes}
