@@ -412,3 +412,65 @@ def test_a_pickled_copy_is_flat_and_starts_over(world):
     assert copy.nodes is None and copy.node_size == 1 and copy.blocks() == {}
     assert copy.dense_until >= copy.step + 1
     dist.barrier()
+
+
+class Chain(torch.nn.Module):
+    """½‖c ⊙ (b ⊙ (a ⊙ z)) − t‖², parameters registered a, b, c: DDP's first bucket holds them as a, b, c
+    (registration order), its rebuilt one in gradient-ready order c, b, a: the same block in another order."""
+
+    def __init__(self, n: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Parameter(1 + 0.1 * torch.randn(n, dtype=torch.float64, generator=g))
+                                  for _ in range(3))
+
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * ((self.c * (self.b * (self.a * z)) - t) ** 2).sum()
+
+
+def _chain_run(world, warmup, steps, sd=None, msd=None):
+    model = Chain()
+    if msd is not None:
+        model.load_state_dict(msd)
+    ddp = DDP(model)  # one bucket for all three
+    opt = commopt.CompressedOptimizer(ddp, torch.optim.SGD(model.parameters(), lr=0.05), commopt.TopK(k=2),
+                                      "econtrol", warmup_steps=warmup, node_size=L)
+    if sd is not None:
+        opt.load_state_dict(sd)
+    g = torch.Generator().manual_seed(100 + world.rank)
+    z, t = torch.randn(6, dtype=torch.float64, generator=g), torch.randn(6, dtype=torch.float64, generator=g)
+    xs, layouts = [], []
+    for _ in range(steps):
+        opt.zero_grad()
+        ddp(z, t).backward()
+        opt.step()
+        xs.append(torch.cat([p.detach().clone() for p in model.parameters()]))
+        layouts.append(opt.hook_state._plans[0].layout)
+    return opt, model, xs, layouts
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120, method="thread")
+@pytest.mark.parametrize("warmup", [2, 1])
+def test_a_rebuilt_bucket_order_is_followed_in_the_warmup_and_resumes_bitwise(world, warmup):
+    """DDP rebuilds its buckets after the first iteration (here: the same parameters in another order).
+    During the warm-up the block follows the new order, so later steps read the bucket without a
+    permutation; after it (warm-up 1) the block keeps its order (the bucket read through index_select).
+    Either way a run resumed from a checkpoint, whose fresh DDP starts with the first order again,
+    continues bitwise as the uninterrupted one."""
+    _layout(world)
+    opt, _, full, layouts = _chain_run(world, warmup, 24)
+    assert layouts[0] != layouts[-1], "DDP did not rebuild its bucket in another order: the test shows nothing"
+    st = opt.hook_state
+    permuted = [pos is not None for _, pos, _ in st._plans[0].parts]
+    assert permuted == ([False] if warmup == 2 else [True])
+    if warmup == 2:
+        assert st._plans[0].parts[0][0].pids == layouts[-1]
+
+    opt2, model2, first, _ = _chain_run(world, warmup, 12)
+    assert all(torch.equal(x, y) for x, y in zip(first, full[:12]))
+    sd, msd = opt2.state_dict(), {k: v.clone() for k, v in model2.state_dict().items()}
+    _, _, rest, _ = _chain_run(world, warmup, 12, sd=sd, msd=msd)
+    for i, x in enumerate(rest):
+        assert torch.equal(x, full[12 + i]), f"step {12 + i}: the resumed run left the uninterrupted one"
+    dist.barrier()
