@@ -93,13 +93,19 @@ def index_dtype(value_dtype: torch.dtype) -> torch.dtype:
     return torch.int64 if value_dtype.itemsize == 8 else torch.int32
 
 
-def choose_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
-    """``shared`` for data-independent indices, ``gather`` while k/d < 1/n, else ``dense``."""
+def choose_exchange(shared_indices: bool, k: int, d: int, n: int, wire: Optional[WireFormat] = None) -> str:
+    """``shared`` for data-independent indices, ``gather`` while it moves fewer bytes than a dense ring
+    all-reduce, else ``dense`` (SPEC §3). Both are counted in the 4-byte format of SPEC §3's table:
+    n·m < 2·4·d, with m the bytes of one message (``wire.nbytes(k, d, float32)``; today's is 8k, so the
+    rule is k/d < 1/n). A compact message (SPEC §9, e.g. 3.02 B per entry) stays gathered up to
+    k/d < 8/(3.02·n). The rule does not depend on the bucket dtype, so every rank and a resumed run
+    choose alike."""
     if k >= d:
         return "dense"
     if shared_indices:
         return "shared"
-    return "gather" if k * n < d else "dense"
+    m = 8 * k if wire is None or wire.default else wire.nbytes(k, d, torch.float32)
+    return "gather" if n * m < 8 * d else "dense"
 
 
 def ordered_sum(messages: "list[tuple[Tensor, Tensor]]", d: int, out_dtype: torch.dtype,

@@ -358,7 +358,7 @@ class CompressionState:
         k = min(u, max(blk.k, int(r * u)))
         if k == blk.k:
             return blk.k, blk.exchange
-        return k, choose_exchange(self.compressor.shared_indices, k, u, self.workers)
+        return k, choose_exchange(self.compressor.shared_indices, k, u, self.workers, self.compressor.wire)
 
     def in_warmup(self) -> bool:
         return self.step < max(self.warmup_steps, self.dense_until)
@@ -382,7 +382,8 @@ class CompressionState:
         unit = d if self.nodes is None else shard_size(d, self.nodes.L)
         k = self.compressor.num_selected(unit)
         blk = Block(pids=pids, numels=numels, d=d, k=k,
-                    exchange=choose_exchange(self.compressor.shared_indices, k, unit, self.workers),
+                    exchange=choose_exchange(self.compressor.shared_indices, k, unit, self.workers,
+                                             self.compressor.wire),
                     key=_stable_key(pids), slots=slots, unit=unit)
         if self.nodes is not None:
             blk.key = shard_key(blk.key, self.nodes.local)  # RandK's shard j: the same on the N ranks of inter(j)

@@ -235,7 +235,7 @@ class OuterExchange:
         self._exchange = Exchange(group) if (use_dist and self.compressor is not None) else None
         self._k = self.compressor.num_selected(numel) if self.compressor is not None else numel
         self.kind = "dense" if self.compressor is None else choose_exchange(
-            self.compressor.shared_indices, self._k, numel, self.n)
+            self.compressor.shared_indices, self._k, numel, self.n, self.compressor.wire)
         self._stream = torch.cuda.Stream(device=device) if device.type == "cuda" else None
         # the one flight: handle, launch time, what finishing it needs; or its completed result
         self._work: Any = None

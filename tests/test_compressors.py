@@ -350,6 +350,32 @@ def test_choose_exchange_rule(n, d):
         assert choose_exchange(ScaledRandK(k=k).shared_indices, k, d, n) == kind_r
 
 
+@pytest.mark.parametrize("spec", ["topk:0.01,values=int8", "topk:0.01,chunk=4096,values=int8",
+                                  "topk:0.01,chunk=4096,values=int4", "topk:0.01,values=bf16"])
+@pytest.mark.parametrize("n", [4, 64, 256])
+def test_compact_messages_stay_gathered_while_they_move_fewer_bytes(spec, n):
+    """SPEC §3's rule counted in bytes: a compact message (SPEC §9) is gathered while n messages of
+    wire.nbytes(k, d, float32) bytes cost less than a dense 4-byte ring all-reduce (n·m < 8d), beyond
+    k/d < 1/n; the dtype of the bucket does not change the choice."""
+    d = 1 << 20
+    comp = make_compressor(spec)
+    for k in sorted({d // (4 * n), d // n, 2 * d // n, 3 * d // n, d // 2}):
+        if k < 1:
+            continue
+        m = comp.wire.nbytes(k, d, torch.float32)
+        kind = choose_exchange(comp.shared_indices, k, d, n, comp.wire)
+        assert kind == ("gather" if n * m < 8 * d else "dense"), (spec, k, n, m)
+        fewer = allgather_bytes(1, m, n) < ring_allreduce_bytes(d, 4, n)
+        assert (kind == "gather") == fewer
+    # a compact message beats today's 8-byte one at k/d = 1/n, so it is gathered where today's is not
+    k = d // n
+    assert choose_exchange(False, k, d, n) == "dense"
+    assert choose_exchange(False, k, d, n, comp.wire) == "gather"
+    # today's format through the same path: the k/d < 1/n rule, unchanged
+    assert choose_exchange(False, k - 1, d, n, TopK(ratio=0.01).wire) == "gather"
+    assert choose_exchange(False, k, d, n, TopK(ratio=0.01).wire) == "dense"
+
+
 def test_byte_formulas_match_spec():
     """SPEC §3 with 4-byte values and int32 indices: dense 2(n−1)/n·4d, TopK (n−1)·8k, RandK 2(n−1)/n·4k."""
     n, d, k = 8, 1_000_000, 10_000
