@@ -465,8 +465,8 @@ class CompressionState:
             return
         self._warned_flat = True
         warnings.warn(
-            f"commopt: {self.compressor.spec()} keeps k/d = {blk.k / blk.d:.3g} of a bucket, at least 1/{self.world_size} "
-            f"of it, so the flat all-gather of {self.world_size} messages would move more than a dense all-reduce: these "
+            f"commopt: {self.compressor.spec()} keeps k/d = {blk.k / blk.d:.3g} of a bucket, so the flat all-gather of "
+            f"{self.world_size} messages would move more than a dense all-reduce: these "
             f"buckets are all-reduced densely (no saving). The launcher reports {L} ranks per node; node_size='auto' "
             f"compresses only between the {self.world_size // L} nodes (SPEC §8).", RuntimeWarning, stacklevel=3)
 
