@@ -430,12 +430,11 @@ class CompressionState:
         exact = bool(blocks) and sorted(pid for b in blocks for pid in b.pids) == sorted(layout)
         # a bucket holding exactly one block's parameters in another order (DDP's rebuilt buckets, or a fresh
         # DDP's first buckets after a resume): flat, a new block in buffer order (TopK does not depend on the
-        # order). Under node_size the block's shards do: during the warm-up, whose dense rounds (re)initialise
-        # the state, the block follows the buffer order too (DDP's rebuild after its first iteration, so no
-        # permutation on later steps); after it the block is kept and the bucket read in its order
-        # (index_select), so that a resumed run's first buckets compress as the uninterrupted run's did.
-        reordered = len(blocks) == 1 and blocks[0].pids != layout
-        if not exact or (reordered and (self.nodes is None or self.in_warmup())):
+        # order). Under node_size the block's shards do, so the block is kept and the bucket read in its order
+        # (index_select each way, every step): re-blocking at DDP's rebuild, even during the warm-up, makes
+        # the block order depend on which step this process's DDP rebuilt at, and a run resumed at the last
+        # warm-up step would compress other shards than the uninterrupted run (tested).
+        if not exact or (len(blocks) == 1 and blocks[0].pids != layout and self.nodes is None):
             # a new block in buffer order; state is cut per parameter from the old blocks
             blocks = [self._make_block(layout, numels, self._adopt(layout, numels, buf), buf.device)]
             self._order[id(blocks[0])] = index
