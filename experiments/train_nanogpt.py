@@ -41,7 +41,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -55,6 +54,8 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
+from commopt.checkpoint import latest_checkpoint, steps_in
+from commopt.consistency import refuse_together
 
 OPTS = ("ddp", "compressed", "co2", "mkor")
 
@@ -250,11 +251,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-iters", type=int, default=4, help="batches per rank and split in a loss estimate")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N iters (0: only at the end)")
     p.add_argument("--resume", nargs="?", const="", default=None, metavar="CKPT",
-                   help="resume from CKPT (default: OUT_DIR/ckpt.pt, or OUT_DIR/ckpt.rank{rank}.pt with "
-                        "--ckpt-mode per-rank); '{rank}' in CKPT is replaced by this rank")
+                   help="resume from CKPT (default: OUT_DIR/ckpt.pt, or with --ckpt-mode per-rank the newest "
+                        "OUT_DIR/ckpt_<iter>.rank<r>.pt of which every rank has its file); '{rank}' in CKPT is "
+                        "replaced by this rank")
     p.add_argument("--resume-if-present", action="store_true",
-                   help="resume like --resume when there is a checkpoint to resume from, else start fresh "
-                        "(a requeued job)")
+                   help="resume from the default checkpoint of --resume when there is one (on every rank), "
+                        "else start fresh (a requeued job); a checkpoint past --max-iters is refused")
     p.add_argument("--ckpt-mode", choices=("master", "per-rank", "both"), default="master",
                    help="master: rank 0 writes one file that every rank loads (nanoGPT); per-rank: every rank "
                         "writes and loads its own file (commopt's exact-resume recipe); both: write both kinds, "
@@ -371,27 +373,27 @@ def choose_checkpoint(args: argparse.Namespace, rank: int, world_size: int) -> "
         return args.resume.replace("{rank}", str(rank))
     if args.ckpt_mode != "per-rank":
         path = os.path.join(args.out_dir, "ckpt.pt")
-        found = [None] * world_size
-        dist.all_gather_object(found, os.path.exists(path))
+        found: list = [None] * world_size
+        dist.all_gather_object(found, os.path.isfile(path))
         if all(found):
             return path
         if args.resume_if_present and not any(found):
             return None
         raise FileNotFoundError(f"{path} is missing on ranks {[r for r, f in enumerate(found) if not f]}: "
                                 f"nothing to resume from")
-    pattern = re.compile(rf"ckpt_(\d+)\.rank{rank}\.pt$")
-    mine = sorted(int(m.group(1)) for f in (os.listdir(args.out_dir) if os.path.isdir(args.out_dir) else [])
-                  if (m := pattern.match(f)))
-    everyone = [None] * world_size
-    dist.all_gather_object(everyone, mine)
-    common = set(everyone[0]).intersection(*everyone[1:])
-    if not common:
+    def mine() -> "dict[int, str]":
+        try:
+            return steps_in(args.out_dir, rf"ckpt_(\d+)\.rank{rank}\.pt")
+        except OSError:  # an unreadable folder on this rank: nothing in common, decided with the others
+            return {}
+
+    it, path = latest_checkpoint(mine)
+    if it is None:
         if args.resume_if_present:
             return None
-        raise FileNotFoundError(f"no iteration has a checkpoint of every rank in {args.out_dir} "
-                                f"(iterations per rank: {everyone}): nothing to resume from")
-    it = max(common)
-    return os.path.join(args.out_dir, f"ckpt_{it:06d}.rank{rank}.pt")
+        raise FileNotFoundError(f"no iteration has a checkpoint of every rank in {args.out_dir}: "
+                                f"nothing to resume from")
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -428,22 +430,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     iter_num, best_val_loss, checkpoint, resumed_from = 0, 1e9, None, None
     ckpt_path = choose_checkpoint(args, rank, world_size)
     if ckpt_path is not None:
-        # nanoGPT: every rank reads rank 0's single checkpoint (per-rank mode: its own file)
-        checkpoint = torch.load(ckpt_path, map_location=device)
+        # nanoGPT: every rank reads rank 0's single checkpoint (per-rank mode: its own file). Read and
+        # checked agreed: a file one rank cannot read, or that does not fit, refuses the resume on every
+        # rank (commopt.load_checkpoint, refuse_together) instead of leaving the others waiting.
+        checkpoint = commopt.load_checkpoint(ckpt_path, map_location=device)
+        problem = None
         if checkpoint.get("rank", 0) != rank and args.ckpt_mode == "per-rank":
-            raise ValueError(f"{ckpt_path} was written by rank {checkpoint.get('rank')}, this is rank {rank}")
+            problem = f"{ckpt_path} was written by rank {checkpoint.get('rank')}, this is rank {rank}"
         for k in ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size"):
-            if checkpoint["model_args"][k] != model_args[k]:
-                raise ValueError(f"checkpoint has {k}={checkpoint['model_args'][k]}, this run {model_args[k]}")
-        if checkpoint["config"].get("opt") != args.opt:
-            say(f"warning: checkpoint was written with --opt {checkpoint['config'].get('opt')}, resuming with "
-                f"--opt {args.opt}")
-        resumed_from = ckpt_path
+            if problem is None and checkpoint["model_args"].get(k) != model_args[k]:
+                problem = f"{ckpt_path} has {k}={checkpoint['model_args'].get(k)}, this run {model_args[k]}"
+        if problem is None and checkpoint["iter_num"] > args.max_iters:
+            problem = f"{ckpt_path} is of iteration {checkpoint['iter_num']}, past --max-iters {args.max_iters}"
+        refuse_together(problem, what="resume")
         iters = [None] * world_size
         dist.all_gather_object(iters, checkpoint["iter_num"])
         if len(set(iters)) != 1:
             raise RuntimeError(f"the ranks' checkpoints are of different iterations ({iters}): resuming from them "
                                f"would mix states; resume every rank from the same iteration's files")
+        if checkpoint["config"].get("opt") != args.opt:
+            say(f"warning: checkpoint was written with --opt {checkpoint['config'].get('opt')}, resuming with "
+                f"--opt {args.opt}")
+        resumed_from = ckpt_path
     raw_model = GPT(GPTConfig(**model_args)).to(device)
     if checkpoint is not None:
         sd = checkpoint["model"]
