@@ -30,6 +30,7 @@ import argparse
 import datetime
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -254,7 +255,7 @@ def _task_errors(paths: "list[str]") -> "dict[str, str]":
     for p in sorted(paths):
         lines = [ln.strip() for ln in open(p, errors="replace") if ln.strip()]
         errs = [ln for ln in lines if re.search(r"error|Error|failed|Terminated|CANCELLED", ln)]
-        out[os.path.basename(p)] = (errs or lines or ["(nothing)"])[-1][:240]
+        out[os.path.basename(p)] = (errs or lines or ["(nothing)"])[-1][:400]
     return out
 
 
@@ -295,7 +296,10 @@ def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int,
         time.sleep(1)
     left = _ranks_in(sc, 0) + _ranks_in(sc, 1)
     for p in left:  # never leave them behind, whatever the verdict
-        os.kill(p, signal.SIGKILL)
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     node_state = sc.run(["sinfo", "-h", "-n", sc.names[1], "-o", "%T %E"], timeout=20).stdout.strip()
     queued = sc.run(["squeue", "-h", "-j", job, "-o", "%T %r"], timeout=20).stdout.strip()
     tasks = _task_errors([os.path.join(errdir, f) for f in os.listdir(errdir) if f.startswith(f"task-{job}-0-")])
@@ -369,8 +373,12 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=CHECKS)
     ap.add_argument("--out", default=os.path.join(ROOT, "experiments", "results", "slurm_local.md"))
     ap.add_argument("--no-write", action="store_true")
+    ap.add_argument("--keep", action="store_true", help="keep the cluster's folder (logs, checkpoints) even "
+                    "when every check passes (it is always kept when one fails)")
     a = ap.parse_args()
     todo = a.only or list(CHECKS)
+    # SIGTERM (a test's timeout, scancel of a CI job) tears the cluster down as an exception would
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results: list[dict] = []
     with SlurmCluster(nodes=2, cpus=2, rate="1gbit") as sc:
         notes = []
@@ -396,7 +404,12 @@ def main() -> int:
     if not a.no_write:
         with open(a.out, "w") as f:
             f.write(text)
-    return 0 if all(all(r["checks"].values()) for r in results) else 1
+    ok = all(all(r["checks"].values()) for r in results)
+    if ok and not a.keep:
+        shutil.rmtree(sc.dir, ignore_errors=True)  # checkpoints of the long jobs: hundreds of MB
+    else:
+        print(f"logs and checkpoints kept in {sc.dir}")
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
