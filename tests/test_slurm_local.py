@@ -1,5 +1,6 @@
 """srun for real: a local SLURM cluster of 2 emulated nodes (experiments/slurm_local), the CPU sbatch
-template on 2 nodes × 2 tasks, one task SIGKILLed, and a node's slurmd stopped (the job requeued and
+template on 2 nodes × 2 tasks, the inter-node bytes of an srun step on the emulated link against
+comm_stats(), one task SIGKILLed, and a node's slurmd stopped (the job requeued and
 resumed from its checkpoints). Needs root, iproute2 and Debian's SLURM packages
 (scripts/install_slurm.sh installs them in .ci/run); skips, saying why, otherwise."""
 
@@ -31,10 +32,10 @@ WHY = _unavailable()
 
 @pytest.mark.skipif(WHY is not None, reason=f"no local SLURM cluster here: {WHY}")
 @pytest.mark.timeout(960)
-def test_sbatch_a_killed_task_and_a_failed_node_on_a_real_local_slurm(tmp_path):
+def test_sbatch_bytes_a_killed_task_and_a_failed_node_on_a_real_local_slurm(tmp_path):
     out = tmp_path / "slurm_local.md"
     p = subprocess.Popen([sys.executable, "-m", "experiments.slurm_local", "--out", str(out), "--only", "sbatch",
-                          "--only", "kill", "--only", "slurmd"], cwd=ROOT, stdout=subprocess.PIPE,
+                          "--only", "bytes", "--only", "kill", "--only", "slurmd"], cwd=ROOT, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = p.communicate(timeout=840)
@@ -46,6 +47,7 @@ def test_sbatch_a_killed_task_and_a_failed_node_on_a_real_local_slurm(tmp_path):
     text = out.read_text() if out.exists() else r.stdout
     assert r.returncode == 0, f"{text[-4000:]}\n{r.stderr[-3000:]}"
     assert "## sbatch 2 nodes x 2 tasks: pass" in text
+    assert "steady-state inter-node bytes (25 steps): pass" in text  # the emulated link = comm_stats
     assert "## one task SIGKILLed: pass" in text
     assert "## node 1's slurmd stopped, the job requeued and resumed: pass" in text
     # nothing left behind: the /etc/hosts lines and the daemons are gone
