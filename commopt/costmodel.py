@@ -30,10 +30,9 @@ here: the time of a message is then read off the curve (``hops`` is part of what
 from __future__ import annotations
 
 import re
-from typing import Optional
 from dataclasses import dataclass
 
-from .exchange import ring_allreduce_bytes  # 2(n−1)/n · s·d, the formula comm_stats() counts with
+from .exchange import choose_exchange, ring_allreduce_bytes  # 2(n−1)/n · s·d, the formula comm_stats() counts with
 
 __all__ = [
     "Link", "parse_rate", "ring_allreduce_bytes", "allgather_bytes", "transfer_seconds",
@@ -180,17 +179,11 @@ def bucketed_allreduce_seconds(d: int, itemsize: int, n: int, link: Link,
                for b in ddp_bucket_numels(d, itemsize, bucket_bytes, first_bucket_bytes))
 
 
-def compressed_exchange(shared_indices: bool, k: int, d: int, n: int, message_bytes: Optional[float] = None) -> str:
+def compressed_exchange(shared_indices: bool, k: int, d: int, n: int) -> str:
     """SPEC §3: ``"shared"`` (all-reduce of k values) for data-independent indices (RandK), ``"gather"``
-    (all-gather of k values and k indices) while n·m < 8d (m = ``message_bytes`` of one message, 8k by
-    default: k/d < 1/n), else ``"dense"`` (all-reduce of the densified message). The same rule as
-    :func:`commopt.exchange.choose_exchange`."""
-    if k >= d:
-        return "dense"
-    if shared_indices:
-        return "shared"
-    m = 8 * k if message_bytes is None else message_bytes
-    return "gather" if n * m < 8 * d else "dense"
+    (all-gather of k values and k indices) while k/d < 1/n, else ``"dense"`` (all-reduce of the
+    densified message): :func:`commopt.exchange.choose_exchange` for today's 8-byte messages."""
+    return choose_exchange(shared_indices, k, d, n)
 
 
 def exchange_bytes(kind: str, k: int, d: int, n: int, itemsize: int = 4, index_size: int = 4) -> float:
