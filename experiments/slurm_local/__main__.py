@@ -197,20 +197,25 @@ def _ranks_in(sc: SlurmCluster, node: int) -> list[int]:
     return out
 
 
-def _start_training_job(sc: SlurmCluster, tag: str) -> "tuple[str, str]":
-    """sbatch a long job and return (job id, output path) once it trains (past its first evaluation)."""
+def _start_training_job(sc: SlurmCluster, tag: str, args: "tuple[str, ...] | None" = None,
+                        until: str = r"^iter\s+0:", settle: float = 5, env: "dict[str, str] | None" = None
+                        ) -> "tuple[str, str]":
+    """sbatch the CPU template (``args``: its train_nanogpt.py arguments, by default a long job) and return
+    (job id, output path) once its output matches ``until`` (default: past its first evaluation) and
+    ``settle`` s more have passed."""
     out = os.path.join(sc.dir, f"{tag}-%j.out")
-    r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, "--max-iters", "2000", "--eval-every", "1000",
-                "--out-dir", os.path.join(sc.dir, f"out-{tag}")],
-               timeout=60, env={"PYTHON": PY, "PYTHONUNBUFFERED": "1"})
+    if args is None:
+        args = ("--max-iters", "2000", "--eval-every", "1000", "--out-dir", os.path.join(sc.dir, f"out-{tag}"))
+    r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, *args], timeout=60,
+               env={"PYTHON": PY, "PYTHONUNBUFFERED": "1", **(env or {})})
     job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
     path = out.replace("%j", job)
     deadline = time.time() + 240
     while time.time() < deadline:
-        if os.path.exists(path) and re.search(r"^iter\s+0:", open(path).read(), re.M):
+        if os.path.exists(path) and re.search(until, open(path).read(), re.M):
             break
         time.sleep(1)
-    time.sleep(5)
+    time.sleep(settle)
     return job, path
 
 
@@ -269,22 +274,13 @@ def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int,
     finishes; with ``reference`` (the uninterrupted job of :func:`check_timeout`, same arguments) its final
     losses must be the same."""
     common = ["--max-iters", str(iters), "--eval-every", "25", "--save-every", "25", "--ckpt-mode", "per-rank"]
-    out = os.path.join(sc.dir, "slurmd-%j.out")
     errdir = os.path.join(sc.dir, "slurmd-tasks")
     os.makedirs(errdir, exist_ok=True)
     # each task's stderr in its own file, written on its node (srun's --error, read from the environment):
     # a task's last words survive srun's end
-    env = {"PYTHON": PY, "PYTHONUNBUFFERED": "1", "SLURM_STDERRMODE": os.path.join(errdir, "task-%j-%s-%t.err")}
-    r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, *common, "--out-dir", os.path.join(sc.dir, "t_node")],
-               timeout=60, env=env)
-    job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
-    path = out.replace("%j", job)
-    deadline = time.time() + 240
-    while time.time() < deadline:  # until a checkpoint of iter 50 exists
-        if os.path.exists(path) and "saved checkpoint at iter 50" in open(path).read():
-            break
-        time.sleep(1)
-    time.sleep(3)
+    job, path = _start_training_job(sc, "slurmd", (*common, "--out-dir", os.path.join(sc.dir, "t_node")),
+                                    until="saved checkpoint at iter 50", settle=3,
+                                    env={"SLURM_STDERRMODE": os.path.join(errdir, "task-%j-%s-%t.err")})
     before = _ranks_in(sc, 1)
     t_stop = time.time()
     pid = sc.stop_slurmd(1)
