@@ -35,6 +35,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
+from .teardown import mark_used
+
 __all__ = [
     "DistInfo",
     "LAUNCHER_ENV_VARS",
@@ -441,6 +443,9 @@ def init_distributed(
     (so one-GPU-per-task bindings also work).  If the process group is already
     initialised nothing is re-initialised and its description is returned.
 
+    A gloo group still open when the interpreter exits is destroyed by commopt after its own collectives
+    have settled (:mod:`commopt.teardown`: without it gloo's threads can abort the exiting process).
+
     Raises ``ValueError`` for malformed or inconsistent launcher variables and
     ``RuntimeError`` when a requested backend is unavailable.
     """
@@ -491,5 +496,6 @@ def init_distributed(
     dist.init_process_group(
         backend=backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout
     )
+    mark_used()   # a gloo group left open at exit is closed by commopt (commopt.teardown)
     _INFO = DistInfo(rank, world_size, local_rank, device, launcher)
     return _INFO

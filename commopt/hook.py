@@ -25,7 +25,6 @@ block's average was finite on every rank.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import sys
 import warnings
@@ -45,6 +44,7 @@ from .exchange import Exchange, _all_gather_single, _chained, choose_exchange, u
 from .hierarchy import (LaunchChain, NodeGroups, _settled, agree_node_size, intra_node_bytes, local_world_size,
                         shard_key, shard_size)
 from .feedback import Feedback, make_feedback
+from .teardown import keep_until_exit, on_exit
 from .round import compress, conclude, dense_start, hold_on_current_stream, unscaled, write_estimate
 
 __all__ = ["CompressionState", "compression_hook"]
@@ -53,7 +53,6 @@ STATE_VERSION = 1
 
 # every CompressionState alive in this process (weakly), drained at exit: see CompressionState.abandon_in_flight
 _LIVE: "weakref.WeakSet[CompressionState]" = weakref.WeakSet()
-_EXIT_HOOK: list[bool] = []
 
 
 def _drain_at_exit() -> None:
@@ -245,9 +244,7 @@ class CompressionState:
                 if p.requires_grad:
                     self._used_handles.append(p.register_hook(self._marker(self._param_ids[id(p)])))
         _LIVE.add(self)
-        if not _EXIT_HOOK:
-            atexit.register(_drain_at_exit)
-            _EXIT_HOOK.append(True)
+        on_exit(_drain_at_exit)
 
     def abandon_in_flight(self) -> int:
         """Wait for the buckets of an unfinished step to settle, discard them and leave the state as it
@@ -266,6 +263,7 @@ class CompressionState:
             f"state is left as it was before that step", RuntimeWarning, stacklevel=2)
         for f in futures:
             _settled(f)
+        keep_until_exit(futures, dict(self._pending))   # never released last by a backend thread (teardown)
         self._pending.clear()
         self._failed_steps.add(self.step)
         return len(futures)

@@ -32,6 +32,7 @@ from .compressors import Compressor, Identity, make_compressor
 from .exchange import CollectiveError, Deferred, Exchange, choose_exchange, ordered_sum, ring_allreduce_bytes, root_cause
 from .feedback import Feedback, make_feedback
 from .round import compress, conclude, dense_start
+from .teardown import keep_until_exit
 
 __all__ = [
     "Penalty", "NoPenalty", "ConstantPenalty", "AdaptivePenalty", "make_penalty",
@@ -340,7 +341,8 @@ class OuterExchange:
     def abandon(self) -> bool:
         """Wait until the exchange in flight (if any) completes or fails and drop it unapplied; True if
         there was one. For teardown: a collective left running holds Python-made tensors that the
-        backend's thread would release during interpreter shutdown, which aborts the process."""
+        backend's thread would release during interpreter shutdown, which aborts the process; so its work
+        and message are handed to :func:`commopt.teardown.keep_until_exit`, not dropped."""
         if not self.in_flight or self._work is None:
             return False
         work = self._work.work if isinstance(self._work, Deferred) else self._work   # the collective only
@@ -348,6 +350,7 @@ class OuterExchange:
             work.wait()
         except Exception:  # noqa: BLE001 - a failed collective is as good as finished here
             pass
+        keep_until_exit(self._work, self._pending)   # released after the group is closed (commopt.teardown)
         self._work, self._pending, self.in_flight = None, None, 0
         return True
 

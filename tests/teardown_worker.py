@@ -19,11 +19,23 @@ import signal
 import sys
 import time
 
+import atexit
+
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-import commopt
+
+def _report_group_at_exit() -> None:
+    # registered before commopt is imported, so it runs after commopt's own exit handler
+    if os.environ.get("RANK") is not None:
+        print(f"rank {os.environ['RANK']}: group open after commopt's exit handler: {dist.is_initialized()}",
+              flush=True)
+
+
+atexit.register(_report_group_at_exit)
+
+import commopt  # noqa: E402 - after the atexit registration above, on purpose
 
 
 def main() -> None:

@@ -64,6 +64,9 @@ def test_in_flight_work_at_teardown_exits_cleanly(which, scenario):
         assert "terminate called" not in text, f"rank {r}:\n{text[-3000:]}"
         assert rc == 0, f"rank {r} rc={rc}:\n{text[-3000:]}"
         assert f"rank {r}: exits" in text
+        # commopt closes the gloo group at exit after settling its own work (commopt.teardown): a group
+        # left open is what lets a gloo thread release the last tensor reference during shutdown (SIGABRT)
+        assert f"rank {r}: group open after commopt's exit handler: False" in text, text[-3000:]
         # the discarded round is announced once, not per object or per step
         assert text.count("exits without opt.finish()") == 1, text[-3000:]
 
@@ -105,3 +108,38 @@ def test_killed_peer_ends_every_survivor_with_a_named_error(which, named):
     # one prefix in the error raised (an abort message after it, the known defect, repeats an error)
     assert text.split("terminate called")[0].count("Got the following error when running the callback") <= 1, \
         text[-3000:]
+
+
+_ORDER_SCRIPT = r'''
+import atexit, gc, os, weakref
+import torch.distributed as dist
+seen = {}
+def after():   # registered before commopt is imported: runs after commopt's exit handler
+    gc.collect()
+    print("after:", dist.is_initialized(), seen["ref"]() is None, flush=True)
+atexit.register(after)
+import torch, commopt
+from commopt import teardown
+commopt.init_distributed(backend="gloo")
+class Held:
+    pass
+box = [Held()]
+seen["ref"] = weakref.ref(box[0])
+def drain():
+    print("drain:", dist.is_initialized(), flush=True)
+    teardown.keep_until_exit(box.pop())   # the only reference left is the one kept
+teardown.on_exit(drain)
+print("main ends", flush=True)
+'''
+
+
+def test_exit_handler_drains_then_closes_the_gloo_group_then_releases_what_it_kept(tmp_path):
+    """commopt.teardown's order at exit: drains run with the group open, then the gloo group commopt
+    initialised is destroyed, then what the drains kept is released, still before later handlers."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    p = subprocess.run([sys.executable, "-c", _ORDER_SCRIPT], env=env, cwd=tmp_path, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.split() == "main ends drain: True after: False True".split(), p.stdout + p.stderr

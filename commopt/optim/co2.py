@@ -11,7 +11,6 @@ SPEC §6, not from the released code.
 
 from __future__ import annotations
 
-import atexit
 import copy
 import hashlib
 import math
@@ -31,6 +30,7 @@ from .. import kernels
 from ..consistency import assert_bitwise_same, bit_checksum, build_consistently
 from ..feedback import Feedback
 from ..outer import OuterExchange, Penalty, make_penalty
+from ..teardown import on_exit
 from .wrapper import WrappedOptimizer
 
 __all__ = ["CO2", "local_gradients_hook"]
@@ -61,7 +61,6 @@ def _in_dcp_init_step() -> bool:
 
 # every CO2 alive in this process (weak: registering does not keep an optimizer alive), checked at exit
 _LIVE: "weakref.WeakSet[CO2]" = weakref.WeakSet()
-_EXIT_HOOK: list[bool] = []
 _WARNED: list[bool] = []   # the unfinished-run warning was given (once per process)
 
 
@@ -101,9 +100,7 @@ def _warn_unfinished_at_exit() -> None:
 
 def _register_for_exit_check(opt: "CO2") -> None:
     _LIVE.add(opt)
-    if not _EXIT_HOOK:
-        atexit.register(_warn_unfinished_at_exit)
-        _EXIT_HOOK.append(True)
+    on_exit(_warn_unfinished_at_exit)
 
 
 def _is_int(v: Any) -> bool:
