@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
+import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -55,13 +56,26 @@ STATE_VERSION = 1
 _LIVE: "weakref.WeakSet[CompressionState]" = weakref.WeakSet()
 
 
+# how long the exit drain lets the backend's threads return from callbacks whose futures it saw complete
+_CALLBACK_GRACE_S = 0.2
+
+
 def _drain_at_exit() -> None:
-    """atexit: settle the exchanges an unwound backward left in flight, while the interpreter still runs."""
+    """atexit: settle the exchanges an unwound backward left in flight, and the last step's chain, while the
+    interpreter still runs."""
+    waited = 0
     for state in list(_LIVE):
         try:
             state.abandon_in_flight()
+            waited += state.settle_last_step()
         except Exception:  # noqa: BLE001 - never fail at exit
             pass
+    if waited:
+        # A future's waiters wake as soon as it is marked complete, while the backend thread that completed it
+        # is still returning through the callbacks of the chain (each release of a Python callback takes the
+        # GIL). DDP keeps gloo's threads alive, so they cannot be joined: give them the GIL for a moment
+        # rather than start interpreter shutdown under them (SIGABRT after a dead peer's error).
+        time.sleep(_CALLBACK_GRACE_S)
 
 
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -228,6 +242,7 @@ class CompressionState:
         self._order: dict[int, int] = {}           # id(block) -> bucket index it was made for (ordering)
         self._pending: list[tuple[Block, Tensor, dict[str, Tensor]]] = []  # filled by callbacks
         self._step_futures: list[Future] = []
+        self._last_step: list[Future] = []         # the last launched step's futures, its commit last (teardown)
         self._failed_steps: set[int] = set()       # steps whose exchange failed: late rounds are dropped
         self._skipped = torch.zeros((), dtype=torch.int64)
         self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
@@ -263,10 +278,24 @@ class CompressionState:
             f"state is left as it was before that step", RuntimeWarning, stacklevel=2)
         for f in futures:
             _settled(f)
-        keep_until_exit(futures, dict(self._pending))   # never released last by a backend thread (teardown)
+        keep_until_exit(futures, list(self._pending))   # never released last by a backend thread (teardown)
         self._pending.clear()
         self._failed_steps.add(self.step)
         return len(futures)
+
+    def settle_last_step(self) -> int:
+        """Wait until the last launched step's chain has settled, success or failure, and keep its futures
+        until the group is closed (:mod:`commopt.teardown`); returns how many futures were still unfinished.
+
+        After a failed step (a dead peer) DDP raises at the first failed bucket while the later buckets'
+        callbacks still run on the backend's threads; left running at interpreter shutdown they abort the
+        process after the user's error has been printed."""
+        futures, self._last_step = self._last_step, []
+        unfinished = sum(not f.done() for f in futures)
+        for f in futures:
+            _settled(f)
+        keep_until_exit(futures)
+        return unfinished or sum(f.done() and _failed(f) for f in futures)
 
     def _marker(self, pid: int):
         used = self._used
@@ -1021,7 +1050,9 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> Future
             state._commit()
             return buf
 
-        return _when_all(step_futures, commit, buf)
+        committed = _when_all(step_futures, commit, buf)
+        state._last_step = [*step_futures, committed]
+        return committed
     return fut
 
 
@@ -1058,6 +1089,15 @@ def refuse_python_reducer(ddp_model: Any = None) -> None:
             "compiled autograd's Python reducer calls DDP communication hooks per parameter as hook(state, "
             "(grad, param)) instead of with a GradBucket, so commopt's compression_hook cannot run there. Use the "
             "default optimize_ddp ('ddp_optimizer') with torch.compile, or compile without compiled autograd.")
+
+
+def _failed(f: Future) -> bool:
+    """True if the completed future ``f`` holds an error."""
+    try:
+        f.value()
+    except Exception:  # noqa: BLE001
+        return True
+    return False
 
 
 def _when_all(futures: list[Future], fn, buf: Tensor) -> Future:

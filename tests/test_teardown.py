@@ -75,9 +75,9 @@ def test_in_flight_work_at_teardown_exits_cleanly(which, scenario):
 def test_exception_unwinding_backward_exits_with_the_users_error():
     out, _ = _run("compressed", "raise", world=2)
     rc0, text0 = out[0]
-    # exit 1 with the user's error; before the exit-time drain it was SIGABRT (2 runs of 2 tried). It can still
-    # be SIGABRT at interpreter shutdown now and then, after the error (the known defect described in
-    # test_killed_peer_ends_every_survivor_with_a_named_error): the error and the warning are what must hold
+    # exit 1 with the user's error; before the exit-time drain it was SIGABRT (2 runs of 2 tried). A SIGABRT at
+    # interpreter shutdown after the error is still tolerated here (see the killed-peer test below; its rate is
+    # counted by experiments/teardown_repeat.py): the error and the warning are what must hold
     assert rc0 in (1, -signal.SIGABRT), f"rc={rc0}:\n{text0[-3000:]}"
     assert "user hook failed on purpose" in text0
     assert text0.count("discards") == 1, text0[-3000:]
@@ -98,10 +98,12 @@ def test_killed_peer_ends_every_survivor_with_a_named_error(which, named):
     out, seconds = _run(which, "kill", world=2, pg_timeout=pg_timeout)
     assert out[1][0] == -signal.SIGKILL, out[1]
     rc, text = out[0]
-    # Known defect, also before this test existed (measured: 1 of 12 runs of the code of 4f57d46, 2-3 of 10
-    # now, 0 of 12 for plain DDP): after raising the named error, the survivor sometimes ends with SIGABRT
-    # ("terminate called without an active exception") during interpreter shutdown instead of exit 1.
-    # The error and the end of the job are what this test holds; the exit code is 1 or that abort.
+    # After raising the named error a CompressedOptimizer survivor used to end with SIGABRT now and then (3 of
+    # 15 runs): the later buckets' callbacks were still running on a gloo thread when interpreter shutdown
+    # began (gdb: pt_gloo_runloop in take_gil -> pthread_exit). The exit drain now waits for the last step's
+    # whole chain and gives those threads a moment (hook.settle_last_step): experiments/results/
+    # teardown_repeat.md counts what is left. The abort stays tolerated here, since the grace period is a
+    # wait, not a join (DDP keeps gloo's threads alive); the error and the end of the job must hold.
     assert rc in (1, -signal.SIGABRT), f"survivor rc={rc}:\n{text[-3000:]}"
     assert "trained 9 steps" not in text, "the survivor trained on alone"
     assert named in text, text[-3000:]
@@ -143,3 +145,30 @@ def test_exit_handler_drains_then_closes_the_gloo_group_then_releases_what_it_ke
                        text=True, timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
     assert p.stdout.split() == "main ends drain: True after: False True".split(), p.stdout + p.stderr
+
+
+def test_settle_last_step_waits_for_the_whole_chain_and_keeps_it(monkeypatch):
+    """The exit drain waits for the last step's chain (a later bucket may still be failing on a backend
+    thread after DDP raised at the first one), keeps its futures for commopt.teardown, and reports it."""
+    import threading
+    import types
+
+    import torch
+
+    from commopt import teardown
+    from commopt.hook import CompressionState
+
+    monkeypatch.setattr(teardown, "_KEPT", [])
+    failed: torch.futures.Future = torch.futures.Future()
+    failed.set_exception(RuntimeError("bucket 0 failed"))
+    late: torch.futures.Future = torch.futures.Future()
+    threading.Timer(0.3, lambda: late.set_exception(RuntimeError("bucket 1 failed later"))).start()
+    state = types.SimpleNamespace(_last_step=[failed, late])
+    t0 = time.monotonic()
+    assert CompressionState.settle_last_step(state) == 1       # one was unfinished
+    assert time.monotonic() - t0 >= 0.25 and late.done()
+    assert state._last_step == [] and teardown._KEPT == [[failed, late]]
+    # a step that ended well and completely: nothing to wait for, so the exit handler does not pause
+    ok: torch.futures.Future = torch.futures.Future()
+    ok.set_result(torch.zeros(1))
+    assert CompressionState.settle_last_step(types.SimpleNamespace(_last_step=[ok])) == 0
