@@ -172,3 +172,26 @@ def test_settle_last_step_waits_for_the_whole_chain_and_keeps_it(monkeypatch):
     ok: torch.futures.Future = torch.futures.Future()
     ok.set_result(torch.zeros(1))
     assert CompressionState.settle_last_step(types.SimpleNamespace(_last_step=[ok])) == 0
+
+
+def test_abandon_in_flight_discards_the_unfinished_step_and_keeps_its_tensors(monkeypatch):
+    """An unwound backward's buckets: settled, kept for commopt.teardown, the state left as before the step."""
+    import types
+    import warnings
+
+    import torch
+
+    from commopt import teardown
+    from commopt.hook import CompressionState
+
+    monkeypatch.setattr(teardown, "_KEPT", [])
+    f: torch.futures.Future = torch.futures.Future()
+    f.set_exception(RuntimeError("unwound"))
+    pending = [("block", torch.zeros(3), {"e": torch.ones(3)})]
+    state = types.SimpleNamespace(_step_futures=[f], _pending=pending, rank=0, step=7, _failed_steps=set())
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        assert CompressionState.abandon_in_flight(state) == 1
+    assert sum("discards 1 bucket exchange(s) of step 7" in str(x.message) for x in w) == 1
+    assert state._step_futures == [] and state._pending == [] and state._failed_steps == {7}
+    assert teardown._KEPT[0] == [f] and teardown._KEPT[1][0][0] == "block"
