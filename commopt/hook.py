@@ -66,7 +66,7 @@ def _drain_at_exit() -> None:
     waited = 0
     for state in list(_LIVE):
         try:
-            state.abandon_in_flight()
+            waited += state.abandon_in_flight()
             waited += state.settle_last_step()
         except Exception:  # noqa: BLE001 - never fail at exit
             pass
