@@ -335,7 +335,8 @@ class CompressionState:
     # -- pickling: drop the process group (like PyTorch's PowerSGDState) ------------------------
     def __getstate__(self) -> dict:
         state = {k: v for k, v in self.__dict__.items()
-                 if k not in ("process_group", "exchange", "_used_handles", "inter_exchange", "_chains")}
+                 if k not in ("process_group", "exchange", "_used_handles", "inter_exchange", "_chains",
+                              "_last_step")}   # futures do not pickle; a copy has no step in flight
         state["nodes"] = None if self.nodes is None else True  # the groups themselves do not pickle
         return state
 
@@ -353,6 +354,7 @@ class CompressionState:
         self.inter_exchange = None
         self.node_size = 1
         self._chains = (LaunchChain(), LaunchChain())
+        self._last_step = []
 
     # -- configuration ----------------------------------------------------------------------------
     def config(self) -> dict:
