@@ -13,14 +13,14 @@ import argparse
 import collections
 import datetime
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "teardown_worker.py"
+sys.path.insert(0, str(ROOT / "tests"))
+from teardown_launch import launch  # noqa: E402 - tests/ is not a package
 
 # (optimizer, scenario, world, the exit code every rank should have; in ``kill`` the last rank kills itself
 # and only the survivors count)
@@ -33,33 +33,10 @@ SCENARIOS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def run_once(which: str, scenario: str, world: int, timeout: float = 150.0) -> list[tuple[int, bool]]:
-    """(exit code, printed 'terminate called') of every rank; a rank that hangs counts as rc -9."""
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PG_TIMEOUT="10" if scenario == "kill" else "20",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), which, scenario], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    t0 = time.monotonic()
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            text, _ = p.communicate()
-        out.append((p.returncode, "terminate called" in text))
-    return out
+def run_once(which: str, scenario: str, world: int) -> list[tuple[int, bool]]:
+    """(exit code, printed 'terminate called') of every rank; ranks that hang are killed (rc -9)."""
+    out, _, _ = launch(which, scenario, world, pg_timeout=10 if scenario == "kill" else 20)
+    return [(rc, "terminate called" in text) for rc, text in out]
 
 
 def main() -> None:

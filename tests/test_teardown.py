@@ -13,46 +13,23 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-WORKER = Path(__file__).with_name("teardown_worker.py")
-ROOT = WORKER.parents[1]
+from teardown_launch import ROOT, launch
+
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _run(which: str, scenario: str, world: int, timeout: float = 150.0, pg_timeout: int = 20):
-    port = _free_port()
-    procs = []
-    for r in range(world):
-        env = dict(os.environ, RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r), MASTER_ADDR="127.0.0.1",
-                   MASTER_PORT=str(port), OMP_NUM_THREADS="1", PG_TIMEOUT=str(pg_timeout),
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, str(WORKER), which, scenario], env=env, cwd=ROOT,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    t0 = time.monotonic()
-    out = []
-    for p in procs:
-        try:
-            text, _ = p.communicate(timeout=max(1.0, timeout - (time.monotonic() - t0)))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail(f"{which}/{scenario}: a rank hung ({timeout:.0f} s)")
-        out.append((p.returncode, text))
-    return out, time.monotonic() - t0
+    out, seconds, hung = launch(which, scenario, world, timeout=timeout, pg_timeout=pg_timeout)
+    if hung:
+        pytest.fail(f"{which}/{scenario}: a rank hung ({timeout:.0f} s)")
+    return out, seconds
 
 
 @pytest.mark.timeout(200)
