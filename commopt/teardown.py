@@ -17,8 +17,10 @@ script registers later run before it):
 1. every *drain* commopt registered (CO2's outer exchange, the hook's unfinished buckets) waits for its
    collectives and hands what they hold to :func:`keep_until_exit` instead of dropping it;
 2. if commopt was used and a gloo default group is still initialised, ``destroy_process_group()``: its
-   worker threads are joined, so none of them holds a tensor any more (gloo only: the call is local;
-   NCCL groups are left to the script, as torch asks);
+   worker threads are joined once nothing else holds the group (gloo only: the call is local; NCCL groups
+   are left to the script, as torch asks). A DDP model keeps the group and its threads alive past this
+   call, so the hook's drain also waits for the last step's callback chain and then yields the GIL
+   briefly (``commopt.hook._drain_at_exit``);
 3. what was kept is released, on the main thread, while the interpreter still runs.
 """
 
