@@ -54,3 +54,35 @@ def test_sbatch_bytes_a_killed_task_and_a_failed_node_on_a_real_local_slurm(tmp_
     assert "# cmt" not in open("/etc/hosts").read()
     for daemon in ("slurmd", "slurmctld"):
         assert subprocess.run(["pgrep", "-x", daemon], capture_output=True).returncode == 1, f"{daemon} left running"
+
+
+def test_a_survivors_error_is_clear_only_when_it_names_the_failure_or_comes_from_the_scripts_own_call(tmp_path):
+    """The slurmd check's verdict on a survivor's stderr (no cluster needed): commopt's named error passes;
+    gloo's peer-lost error passes only from the training script's own ``dist.*`` line (commopt must name the
+    failures of its own collectives); a rank that printed no error fails."""
+    sys.path.insert(0, ROOT)
+    from experiments.slurm_local.__main__ import _clear_error, _task_errors
+
+    def err_file(name: str, frames: "list[tuple[str, str]]", last: str) -> str:
+        lines = ["[rank 2] Traceback (most recent call last):"]
+        for path, src in frames:
+            lines += [f'[rank 2]   File "{path}", line 7, in f', f"[rank 2]     {src}"]
+        (tmp_path / name).write_text("\n".join(lines + [f"[rank 2] {last}", ""]))
+        return str(tmp_path / name)
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:553] Connection closed by peer [10.231.0.2]:28304."
+    script = "/x/experiments/train_nanogpt.py"
+    named = err_file("task-5-0-2.err", [(script, "sys.exit(main())"), (script, "scaler.step(opt)")],
+                     "RuntimeError: CollectiveError: commopt: the all_gather_into_tensor of a gather exchange "
+                     "(552 of 55232 values, torch.float32) failed on rank 2 of 4: " + gloo)
+    own = err_file("task-5-0-3.err", [(script, "sys.exit(main())"), (script, "dist.all_reduce(m)"),
+                                      ("/v/torch/distributed/c10d_logger.py", "return func(*args, **kwargs)")], gloo)
+    hidden = err_file("task-6-0-3.err", [(script, "sys.exit(main())"), (script, "scaler.scale(loss).backward()"),
+                                         ("/v/torch/_tensor.py", "torch.autograd.backward(")], gloo)
+    (tmp_path / "task-7-0-3.err").write_text("[W socket.cpp:207] The hostname cannot be retrieved\n")
+    found = _task_errors([named, own, hidden, str(tmp_path / "task-7-0-3.err")])
+    assert found["task-5-0-3.err"] == (f"[rank 2] {gloo}", "dist.all_reduce(m)")
+    assert found["task-6-0-3.err"][1] == "scaler.scale(loss).backward()"
+    verdicts = {k: _clear_error(*v) for k, v in found.items()}
+    assert verdicts == {"task-5-0-2.err": True, "task-5-0-3.err": True, "task-6-0-3.err": False,
+                        "task-7-0-3.err": False}

@@ -16,7 +16,8 @@
 * ``timeout``: a job cut by its 1-minute time limit after per-rank checkpoints resumes in a new ``sbatch``
   and ends with the uninterrupted job's losses.
 * ``slurmd``: node 1's slurmd is stopped while a job trains: the controller marks the node down and
-  requeues the job, every rank ends (none hangs), node 1's with commopt's named error; slurmd comes back,
+  requeues the job, every rank ends (none hangs), node 1's with a clear error (commopt's named error, or
+  gloo's peer-lost error from the script's own ``dist`` call, by where the rank was); slurmd comes back,
   and the requeued job resumes from the newest checkpoint of every rank and finishes (with ``timeout``
   run too: with the uninterrupted job's losses).
 
@@ -254,14 +255,28 @@ def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
             "tail": "\n".join([ln for ln in text.strip().splitlines() if "Warning" not in ln][-12:])}
 
 
-def _task_errors(paths: "list[str]") -> "dict[str, str]":
-    """Each task's last words: the last line of its stderr file that names an error."""
+def _task_errors(paths: "list[str]") -> "dict[str, tuple[str, str]]":
+    """Each task's last words: (the last line of its stderr file that names an error, the source line of the
+    innermost training-script frame of its traceback, or "" when it printed none)."""
     out = {}
     for p in sorted(paths):
         lines = [ln.strip() for ln in open(p, errors="replace") if ln.strip()]
         errs = [ln for ln in lines if re.search(r"error|Error|failed|Terminated|CANCELLED", ln)]
-        out[os.path.basename(p)] = (errs or lines or ["(nothing)"])[-1][:400]
+        where = ""
+        for i, ln in enumerate(lines[:-1]):
+            if re.search(r'File "[^"]*train_nanogpt\.py", line \d+', ln):
+                where = re.sub(r"^\[rank \S+\]\s*", "", lines[i + 1])
+        out[os.path.basename(p)] = ((errs or lines or ["(nothing)"])[-1][:400], where)
     return out
+
+
+def _clear_error(err: str, where: str) -> bool:
+    """A survivor's error is clear when it is commopt's named error (a commopt collective lost its peers), or
+    gloo's peer-lost error raised by the training script's own ``dist.*`` call (its evaluation all-reduce,
+    its checkpoint barrier): which of the two a rank meets depends on where it was when its peers went."""
+    if "commopt: the" in err:
+        return True
+    return bool(re.search(r"Connection (closed|reset) by peer|Broken pipe", err)) and where.startswith("dist.")
 
 
 def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int, str] | None" = None,
@@ -269,7 +284,8 @@ def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int,
     """Node 1's slurmd is stopped (SIGTERM by its pid, as ``systemctl stop slurmd`` would) while a job
     trains with per-rank checkpoints. The controller marks the node DOWN after ``SlurmdTimeout``, cancels
     the job (NODE_FAIL) and requeues it; every rank must end (node 0's terminated by SLURM, node 1's, whose
-    slurmd is gone, by commopt's named error once their peers are gone), nothing left running. slurmd is
+    slurmd is gone, by a clear error once their peers are gone: see :func:`_clear_error`), nothing left
+    running. slurmd is
     then restarted: the requeued job runs again, resumes from the newest checkpoint every rank has and
     finishes; with ``reference`` (the uninterrupted job of :func:`check_timeout`, same arguments) its final
     losses must be the same."""
@@ -313,8 +329,8 @@ def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int,
         "every rank ended (none hung)": all_ended is not None and not left,
         "node 1 marked down": node_state.startswith("down"),
         "the job was requeued": "PENDING" in queued or len(runs) > 1,
-        "node 1's ranks ended with commopt's named error": sum("commopt: the" in e for k, e in tasks.items()
-                                                               if int(k.rsplit("-", 1)[1][:-4]) >= 2) == 2,
+        "node 1's ranks ended with a clear error (commopt's named error, or gloo's in the script's own dist call)":
+            sum(_clear_error(*e) for k, e in tasks.items() if int(k.rsplit("-", 1)[1][:-4]) >= 2) == 2,
         "the requeued job ran again, resumed from a checkpoint and finished": (
             finished is not None and runs[-1:] == ["2"] and resumed is not None and last is not None
             and last[0] == iters),
@@ -324,7 +340,8 @@ def check_slurmd_stop(sc: SlurmCluster, iters: int = 400, reference: "tuple[int,
     tail = [f"job {job}: node 1's slurmd (pid {pid}) stopped after the checkpoint of iter 50",
             f"every rank had ended {all_ended:.1f} s later" if all_ended is not None else "ranks still running",
             f"node 1: {node_state}; job: {queued or 'not queued'}",
-            *(f"{k}: {v}" for k, v in tasks.items()),
+            *(f"{k}: {e}" + (f"  [in the script's `{w}`]" if w and "commopt: the" not in e else "")
+              for k, (e, w) in tasks.items()),
             f"run 2: {resumed.group(0) if resumed else 'no resume'}; iter {last[0] if last else '?'}: "
             f"{last[1] if last else '?'}",
             f"uninterrupted job (time-limit check), iter {reference[0]}: {reference[1]}" if reference else ""]
