@@ -7,13 +7,15 @@ collective.
 
 from __future__ import annotations
 
+import secrets
 from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["assert_same_across_ranks", "build_consistently", "bit_checksum", "assert_bitwise_same"]
+__all__ = ["assert_same_across_ranks", "build_consistently", "bit_checksum", "assert_bitwise_same",
+           "agreed_run_id", "refuse_together"]
 
 T = TypeVar("T")
 
@@ -111,17 +113,44 @@ def assert_bitwise_same(local: Tensor, group: Optional[dist.ProcessGroup] = None
         raise RuntimeError(f"{what} differs across {which} (checksums {values})")
 
 
-def refuse_together(error: Optional[str], group: Optional[dist.ProcessGroup] = None, what: str = "load") -> None:
+def refuse_together(error: Optional[str], group: Optional[dist.ProcessGroup] = None, what: str = "load",
+                    same: Optional[dict] = None) -> None:
     """A collective: every rank passes its own refusal (a message) or None; if any rank refused, raise
-    ``ValueError`` on every rank naming each refusing rank and its reason. Without an initialised process
-    group (or with one rank) it raises the local refusal only."""
+    ``ValueError`` on every rank naming each refusing rank and its reason. ``same``: values that must be
+    equal on every rank (where a checkpoint resumes, the run it comes from); ranks whose values differ
+    are refused alike, each value named. Without an initialised process group (or with one rank) it
+    raises the local refusal only."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
         if error is not None:
             raise ValueError(f"{what}: {error}")
         return
-    errors: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(errors, error, group=group)
-    bad = [(r, e) for r, e in enumerate(errors) if e is not None]
+    gathered: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(gathered, (error, same), group=group)
+    bad = [(r, e) for r, (e, _) in enumerate(gathered) if e is not None]
     if bad:
         raise ValueError(f"{what} refused on rank(s) {[r for r, _ in bad]}; nothing was changed on any rank:\n  "
                          + "\n  ".join(f"rank {r}: {e}" for r, e in bad))
+    diffs = _differences([s or {} for _, s in gathered])
+    if diffs:
+        raise ValueError(f"{what} refused on every rank; nothing was changed on any rank: {mismatch(diffs)}")
+
+
+def mismatch(diffs: "list[str]") -> str:
+    """Why checkpoints whose must-be-equal values (:func:`_differences` lines) differ between ranks are refused."""
+    if all(d.startswith("run") for d in diffs):  # "run", or "run.<what identifies it>": the same step, two runs
+        why = ("the ranks' checkpoints come from different runs (files of an earlier run left beside this "
+               "run's?); load files saved by one run")
+    else:
+        why = "the ranks' checkpoints would resume at different points; load checkpoints saved at the same step"
+    return why + ":\n  " + "\n  ".join(diffs)
+
+
+def agreed_run_id(group: Optional[dist.ProcessGroup] = None) -> str:
+    """A random id drawn on the group's first rank and broadcast (a collective), so the same on every
+    rank and new in every run: checkpoints carry it, and ranks holding files of different runs are
+    refused together at load (a mix of two runs at the same step would otherwise load silently)."""
+    token = [secrets.token_hex(8)]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        src = 0 if group is None else dist.get_global_rank(group, 0)
+        dist.broadcast_object_list(token, src=src, group=group)
+    return str(token[0])

@@ -245,6 +245,10 @@ class CompressionState:
         self._last_step: list[Future] = []         # the last launched step's futures, its commit last (teardown)
         self._failed_steps: set[int] = set()       # steps whose exchange failed: late rounds are dropped
         self._skipped = torch.zeros((), dtype=torch.int64)
+        # the run's id, the same on every rank (CompressedOptimizer sets it from commopt.consistency.agreed_run_id;
+        # a CompressionState used on its own has none): checkpoints carry it, and a load whose ranks hold files
+        # of different runs is refused on every rank
+        self.run_id: Optional[str] = None
         self._last_ok: Optional[Tensor] = None    # the last commit's flag, kept while it ended dense rounds
         self.stats = {"steps": 0, "bytes_sent": 0.0, "bytes_dense": 0.0, "bytes_inter_node": 0.0,
                       "bytes_intra_node": 0.0, "dense_rounds": 0,
@@ -771,7 +775,8 @@ class CompressionState:
             {name: b.slots[name].detach().clone() for name in self.slot_names} if b.slots else None
             for b in self.blocks().values()]
         stats = {k: dict(v) if isinstance(v, dict) else v for k, v in self.stats.items()}
-        return {"version": STATE_VERSION, "rank": self.rank, "step": self.step, "dense_until": self.dense_until,
+        return {"version": STATE_VERSION, "rank": self.rank, "run": self.run_id, "step": self.step,
+                "dense_until": self.dense_until,
                 **self.config(), "blocks": blocks, "params": params, "shards": shards,
                 "numels": {pid: blk.numels[blk.pids.index(pid)] for pid, (blk, _) in self._block_of.items()},
                 "stats": stats, "skipped_rounds": int(self._skipped),
@@ -882,6 +887,7 @@ class CompressionState:
             for key in ("skipped_rounds", "dense_until"):
                 int(sd.get(key, 0))
             verdict["same"]["step"] = int(sd["step"])
+            verdict["same"]["run"] = sd.get("run")  # older checkpoints: None
         except Exception as exc:  # noqa: BLE001 - reported to every rank by _agree_on_load
             verdict["error"] = str(exc) if isinstance(exc, ValueError) else \
                 f"malformed commopt state ({type(exc).__name__}: {exc})"
@@ -894,7 +900,7 @@ class CompressionState:
 
         Refused when any rank refused; when the ranks hold a mix of files that is neither each rank's own
         nor one rank's on every rank; when they would resume at different points (``verdict["same"]``)."""
-        from .consistency import _differences
+        from .consistency import _differences, mismatch
 
         gathered: list = [None] * self.world_size
         dist.all_gather_object(gathered, verdict, group=self.process_group)
@@ -920,9 +926,7 @@ class CompressionState:
                                    "with dense rounds)", "reset": None}
         diffs = _differences([v["same"] for v in gathered])
         if diffs:
-            return {"refused": f"{what} refused the checkpoint ({unchanged}): the ranks would resume at different "
-                               f"points ({'; '.join(diffs)}); load checkpoints saved at the same step",
-                    "reset": None}
+            return {"refused": f"{what} refused the checkpoint ({unchanged}): {mismatch(diffs)}", "reset": None}
         return {"refused": None, "reset": reset}
 
     def _apply_load(self, sd: Optional[dict], reset: Optional[str], stacklevel: int = 2) -> None:
@@ -937,6 +941,8 @@ class CompressionState:
         self._last_ok = None
         if sd is not None:
             self.step = int(sd["step"])
+            if sd.get("run") is not None:  # the resumed run goes on as the saved one
+                self.run_id = sd["run"]
             for k, v in sd.get("stats", {}).items():
                 self.stats[k] = dict(v) if isinstance(v, dict) else v
             if "skipped_rounds" in sd:

@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from ..compressors import Compressor
 from .. import kernels
-from ..consistency import assert_bitwise_same, bit_checksum, build_consistently
+from ..consistency import agreed_run_id, assert_bitwise_same, bit_checksum, build_consistently
 from ..feedback import Feedback
 from ..outer import OuterExchange, Penalty, make_penalty
 from ..teardown import on_exit
@@ -374,6 +374,8 @@ class CO2(WrappedOptimizer):
             if is_ddp:
                 raise RuntimeError("CO2: a DDP model needs torch.distributed to be initialised")
             built, _ = build()
+        # one id for this run on every rank: its checkpoints carry it, and a load mixing runs is refused
+        self._run_id: str = agreed_run_id(group)
         self.tau: int = tau
         self.outer_lr: float = built["alpha"]
         self.outer_momentum: float = built["beta"]
@@ -677,7 +679,8 @@ class CO2(WrappedOptimizer):
                 f"rank before saving (then every rank holds the same model and a single file is enough).",
                 RuntimeWarning, stacklevel=3)
         return {"version": STATE_VERSION, "config": self._config, "world_size": self.world_size,
-                "rank": self.rank, "round": self._round, "position": self._pos, "steps": self._steps,
+                "rank": self.rank, "run": self._run_id, "round": self._round, "position": self._pos,
+                "steps": self._steps,
                 "anchor": self._theta.detach().cpu().clone(), "momentum": self._m.detach().cpu().clone(),
                 "start": self._s.detach().cpu().clone() if self._s is not None else None,
                 "gap": self._gap.detach().cpu().clone(),
@@ -758,6 +761,16 @@ class CO2(WrappedOptimizer):
                 raise ValueError("CO2 checkpoint is inconsistent: bad communication counters ('stats')")
         return mode
 
+    @staticmethod
+    def _must_agree(sd: dict) -> dict:
+        """What of a (validated) checkpoint must be the same on every rank: where the rounds resume (ranks
+        at different rounds would pair different outer all-reduces) and the run, by its id and by the bits
+        of the replicated θ and m (a mix of two runs' files saved at the same round differs there, older
+        checkpoints without an id too)."""
+        return {"round": int(sd["round"]), "position": int(sd["position"]), "steps": int(sd["steps"]),
+                "run": {"id": sd.get("run"),
+                        "anchor and momentum bits": int(bit_checksum([sd["anchor"], sd["momentum"]]))}}
+
     def _per_rank_parts(self, sd: dict, inner: Optional[dict] = None) -> list[str]:
         """What in a (validated) checkpoint is specific to the rank that saved it (``inner``: the inner
         optimizer's part; its state, e.g. AdamW's moments, is never averaged, so it is per rank too)."""
@@ -796,16 +809,19 @@ class CO2(WrappedOptimizer):
                 "To resume exactly, save and load opt.state_dict() itself.",
                 RuntimeWarning, stacklevel=4)
             return
-        mode, error = "same", None
+        mode, error, same = "same", None, None
         try:
             mode = self._check_own(own)
+            same = self._must_agree(own)
         except ValueError as exc:
             error = str(exc)
         # every rank accepts, or every rank raises with nothing changed (one collective)
         self._load_inner_agreed(inner, error, self.process_group if self.use_dist else None,
-                                "CO2.load_state_dict")
+                                "CO2.load_state_dict", same=same)
         # -- accepted: nothing below raises --
         self.exchange.settle()   # a live all-reduce must not write into the buffer while it is restored
+        if own.get("run") is not None:  # the resumed run goes on as the saved one
+            self._run_id = own["run"]
         with torch.no_grad():
             self._theta.copy_(own["anchor"])
             self._m.copy_(own["momentum"])

@@ -13,7 +13,7 @@ from torch.optim import Optimizer
 
 from ..compressors import Compressor
 from .. import kernels
-from ..consistency import assert_bitwise_same, build_consistently
+from ..consistency import agreed_run_id, assert_bitwise_same, build_consistently
 from ..feedback import Feedback
 from ..hierarchy import NodeGroups, agree_node_size
 from ..hook import CompressionState, compression_hook, refuse_python_reducer, stepping_grad_scaler
@@ -146,6 +146,8 @@ class CompressedOptimizer(WrappedOptimizer):
 
         # every rank learns of a bad setting on any rank (no rank is left waiting in a collective)
         self.hook_state = build_consistently(build, group, what="CompressedOptimizer")
+        # one id for this run on every rank: its checkpoints carry it, and a load mixing runs is refused
+        self.hook_state.run_id = agreed_run_id(group)
         _warn_mkor_over_sparse_estimates(optimizer, self.hook_state.feedback)
         self.check_every = check_every
         self.on_world_size_change = on_world_size_change
@@ -336,6 +338,6 @@ class CompressedOptimizer(WrappedOptimizer):
 
         The older layout ``{"optimizer", "commopt", "steps"}`` is accepted too. A refusal on any
         rank (another compressor or feedback rule, files swapped between ranks, checkpoints of
-        different steps, an inner optimizer that refuses its part) raises ``ValueError`` on every
+        different steps or of different runs, an inner optimizer that refuses its part) raises ``ValueError`` on every
         rank and leaves every rank as it was. The load-state-dict pre/post hooks run as in torch."""
         super().load_state_dict(state_dict)

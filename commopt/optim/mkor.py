@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from ..consistency import build_consistently
+from ..consistency import agreed_run_id, build_consistently
 from ..exchange import CollectiveError, root_cause
 from ..precond import layers as L
 from ..precond.rank1 import RULES, compute_dtype, precondition, update_factor
@@ -279,6 +279,8 @@ class MKOR(WrappedOptimizer):
             self._layers, self.tied_layers = build_consistently(build, process_group, what="MKOR")
         else:
             self._layers, self.tied_layers = build()[0]
+        # one id for this run on every rank: its checkpoints carry it, and a load mixing runs is refused
+        self._run_id: str = agreed_run_id(process_group if self.world_size > 1 else None)
         if self.tied_layers and self.rank == 0:
             _log.info("MKOR: layer(s) %s share their weight with another module (tied); left to %s unpreconditioned",
                       self.tied_layers, type(base_optimizer).__name__)
@@ -624,7 +626,8 @@ class MKOR(WrappedOptimizer):
 
     def _own_state_dict(self) -> dict:
         return {
-            "version": 1, "config": self._config(), "steps": self._steps, "updates": self._updates,
+            "version": 1, "config": self._config(), "run": self._run_id, "steps": self._steps,
+            "updates": self._updates,
             "factors": {ly.name: {"left": ly.left.detach().clone(), "right": ly.right.detach().clone()}
                         for ly in self._layers},
             "events": {k: v.detach().clone() for k, v in self._events.items()},
@@ -728,8 +731,9 @@ class MKOR(WrappedOptimizer):
                     for g, items in zip(old_groups, old_items):
                         g.clear()
                         g.update(items)
+        run = own.get("run") if isinstance(own, dict) else None
         try:
-            self._agree_on_load(err, schedule, cause)
+            self._agree_on_load(err, schedule, cause, run)
         except BaseException:
             if restore is not None:
                 restore()
@@ -739,10 +743,12 @@ class MKOR(WrappedOptimizer):
             self._load_inner_atomically(inner)  # raises on every rank, each as it was, if any rank refuses
         self._apply_own(apply, stacklevel=6)
 
-    def _agree_on_load(self, err: Optional[str], schedule: tuple, cause: Optional[BaseException]) -> None:
+    def _agree_on_load(self, err: Optional[str], schedule: tuple, cause: Optional[BaseException],
+                       run: Optional[str] = None) -> None:
         what = "MKOR.load_state_dict"
         gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, {"error": err, "schedule": tuple(schedule)}, group=self.process_group)
+        dist.all_gather_object(gathered, {"error": err, "schedule": tuple(schedule), "run": run},
+                               group=self.process_group)
         bad = [(r, p["error"]) for r, p in enumerate(gathered) if p["error"] is not None]
         if bad:
             raise ValueError(f"{what} refused on rank(s) {[r for r, _ in bad]}; nothing was changed on any rank:\n  "
@@ -753,6 +759,12 @@ class MKOR(WrappedOptimizer):
                 f"{what} refused: the ranks' checkpoints put MKOR at different points of its schedule (their "
                 f"statistics all-reduces would no longer line up); nothing was changed on any rank:\n  "
                 + "\n  ".join(f"rank {r}: MKOR step {st}, MKOR-H switched {sw}" for r, (st, sw) in enumerate(schedules)))
+        runs = [p["run"] for p in gathered]
+        if any(x != runs[0] for x in runs[1:]):
+            raise ValueError(
+                f"{what} refused: the ranks' checkpoints come from different runs (files of an earlier run left "
+                f"beside this run's?), so their factors would differ; nothing was changed on any rank; load files "
+                f"saved by one run:\n  " + "\n  ".join(f"rank {r}: run {x}" for r, x in enumerate(runs)))
 
     def preconditioner_state_dict(self) -> dict:
         """MKOR's own part of :meth:`state_dict` (factors, counters, MKOR-H switch) alone: what a
@@ -816,8 +828,11 @@ class MKOR(WrappedOptimizer):
             raise bad(f"{type(exc).__name__}: {exc}") from None
         loss_sum = None if hy["loss_sum"] is None else torch.as_tensor(hy["loss_sum"]).clone()
         switched, switch_step = bool(hy["switched"]), hy["switch_step"]
+        run = mk.get("run")  # older checkpoints: None (this run keeps its id)
 
         def apply() -> None:
+            if run is not None:  # the resumed run goes on as the saved one
+                self._run_id = run
             for ly, (left, right) in zip(self._layers, new_factors):
                 ly.left, ly.right = left, right
             self._events = events

@@ -147,9 +147,11 @@ class WrappedOptimizer(Optimizer):
                 g.update(items)
             raise
 
-    def _load_inner_agreed(self, inner: dict, error: Optional[str], group: Any, what: str) -> None:
+    def _load_inner_agreed(self, inner: dict, error: Optional[str], group: Any, what: str,
+                           same: Optional[dict] = None) -> None:
         """Load the inner optimizer only if every rank accepts its checkpoint: ``error`` is this rank's
-        refusal of its own part (or None); the inner load's own refusal joins it; one collective
+        refusal of its own part (or None); the inner load's own refusal joins it; ``same``: values that must
+        be equal on every rank (where the checkpoint resumes, its run); one collective
         (:func:`commopt.consistency.refuse_together`) then raises on every rank, with every rank's inner
         optimizer as it was, or returns with all of them loaded."""
         from ..consistency import refuse_together
@@ -163,7 +165,7 @@ class WrappedOptimizer(Optimizer):
             except Exception as exc:  # noqa: BLE001 - reported to every rank
                 error = f"the inner optimizer refused it ({type(exc).__name__}: {exc})"
         try:
-            refuse_together(error, group, what)
+            refuse_together(error, group, what, same=same)
         except ValueError:
             if loaded and old is not None:
                 self.optimizer.__setstate__({"state": old[0], "param_groups": old[1]})

@@ -219,3 +219,87 @@ def test_damaged_state_dict_on_one_rank_is_refused_on_every_rank(world, kind, da
     if hasattr(opt, "finish"):
         opt.finish()
     assert all_ranks_true(not problems), f"rank {r}: {problems}"
+
+
+def _own(kind: str, sd: dict) -> dict:
+    return sd["mkor"] if kind == "mkor" else sd["commopt"]
+
+
+@pytest.mark.parametrize("kind", ["compressed", "co2", "mkor"])
+@pytest.mark.parametrize("mix", ["two runs at one step", "one run at two steps"])
+def test_ranks_holding_files_of_two_runs_or_two_steps_are_refused_on_every_rank(world, kind, mix):
+    """The last rank loads a file of another run saved at the same step (stale files left in the folder),
+    or of this run at a later step: every rank raises, saying which, and nothing changes anywhere. CO2
+    accepted both before checkpoints named their run and it compared the ranks' rounds."""
+    r, last = world.rank, world.size - 1
+    model, ddp, opt = _build(kind)
+    for t in range(6):
+        train_step(ddp, opt, *batch(r, t))
+    sd = _opt_sd(opt)
+    if mix == "two runs at one step":
+        _, ddp2, opt2 = _build(kind)   # another run: the same model and settings, other data
+        for t in range(6):
+            train_step(ddp2, opt2, *batch(r, t, seed=1))
+        other = _opt_sd(opt2)
+        if hasattr(opt2, "finish"):
+            opt2.finish()
+        want = "different runs"
+    else:
+        for t in range(6, 8):
+            train_step(ddp, opt, *batch(r, t))
+        other = _opt_sd(opt)
+        want = "different points"
+    problems = []
+    if _own(kind, sd).get("run") is None:
+        problems.append("the checkpoint names no run")
+    if r == last:
+        sd = other
+    before = _snapshot(model, opt)
+    outcome = "accepted"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.load_state_dict(sd)
+    except ValueError as exc:
+        outcome = str(exc)
+    outcomes = _gathered(outcome)
+    if any(o == "accepted" for o in outcomes):
+        problems.append(f"accepted on some rank: {outcomes}")
+    elif want not in outcome:
+        problems.append(f"the message does not say {want!r}: {outcome}")
+    problems += _diff(before, _snapshot(model, opt))
+    for t in range(8, 11):   # training goes on, in step on every rank
+        train_step(ddp, opt, *batch(r, t))
+    if hasattr(opt, "finish"):
+        opt.finish()
+    problems += [f"param {j} differs across ranks" for j, p in enumerate(model.parameters())
+                 if not same_on_all_ranks(p)]
+    assert all_ranks_true(not problems), f"rank {r}: {problems}"
+
+
+@pytest.mark.parametrize("kind", ["compressed", "co2", "mkor"])
+def test_a_resumed_run_goes_on_under_the_saved_run_id(world, kind):
+    """The run ids are the same on every rank and differ between runs; a run resumed from its files takes
+    their id, so its later files pair with the earlier ones (and with a third run's they do not)."""
+    r = world.rank
+    _, ddp, opt = _build(kind)
+    for t in range(4):
+        train_step(ddp, opt, *batch(r, t))
+    sd = _opt_sd(opt)
+    _, ddp2, opt2 = _build(kind)
+    fresh = _own(kind, _opt_sd(opt2))["run"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt2.load_state_dict(sd)
+    resumed = _own(kind, _opt_sd(opt2))["run"]
+    for o in (opt, opt2):
+        if hasattr(o, "finish"):
+            o.finish()
+    runs = _gathered((_own(kind, sd)["run"], fresh, resumed))
+    problems = []
+    if any(x != runs[0] for x in runs):
+        problems.append(f"the run ids differ between ranks: {runs}")
+    saved, fresh, resumed = runs[0]
+    if not (isinstance(saved, str) and saved != fresh and resumed == saved):
+        problems.append(f"saved {saved}, a new run's {fresh}, after the resume {resumed}")
+    assert all_ranks_true(not problems), f"rank {r}: {problems}"
