@@ -21,12 +21,19 @@ script registers later run before it):
    are left to the script, as torch asks). A DDP model keeps the group and its threads alive past this
    call, so the hook's drain also waits for the last step's callback chain and then yields the GIL
    briefly (``commopt.hook._drain_at_exit``);
-3. what was kept is released, on the main thread, while the interpreter still runs.
+3. what was kept is released, on the main thread, while the interpreter still runs;
+4. the handler releases the GIL for :data:`GRACE_S`: a script that called ``destroy_process_group()``
+   itself with its DDP model or optimizer still alive (a module-level script, nanoGPT's style) leaves the
+   group's worker threads running, and one that finishes a collective then needs the GIL to release its
+   tensors. Without this pause, CO2 in such a script aborted at exit in 4 of 12 runs (plain DDP, without
+   commopt, in 3 of 16: torch's own race); see ``experiments/results/teardown_repeat.md``.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
+import time
 from typing import Any, Callable
 
 import torch.distributed as dist
@@ -65,6 +72,11 @@ def _close_gloo_group() -> None:
     dist.destroy_process_group()
 
 
+# how long the exit handler releases the GIL after dropping what it kept (step 4 of the module docstring);
+# COMMOPT_EXIT_GRACE_S=0 turns the pause off (experiments/teardown_repeat.py measures both)
+GRACE_S = float(os.environ.get("COMMOPT_EXIT_GRACE_S", "0.2"))
+
+
 def _at_exit() -> None:
     for drain in reversed(_DRAINS):
         try:
@@ -76,6 +88,11 @@ def _at_exit() -> None:
     except Exception:  # noqa: BLE001 - never fail at exit
         pass
     _KEPT.clear()
+    if _USED and GRACE_S > 0:
+        # a gloo worker thread that still holds a finished collective (a group the script destroyed while a
+        # DDP model or an optimizer kept it alive, so its threads were not joined) needs the GIL to release
+        # the collective's tensors; released here, it gets it before the interpreter is finalised
+        time.sleep(GRACE_S)
 
 
 atexit.register(_at_exit)

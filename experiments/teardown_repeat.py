@@ -28,6 +28,12 @@ SCENARIOS = [
     ("co2-topk", "exit", 4, 0),
     ("co2", "exit", 4, 0),
     ("co2-topk", "destroy", 4, 0),
+    # destroy_process_group() with the model and optimizer alive until shutdown (a module-level script); plain
+    # DDP without commopt's optimizers is the reference for torch's own behaviour there
+    ("co2", "destroy-global", 2, 0),
+    ("co2-topk", "destroy-global", 2, 0),
+    ("compressed", "destroy-global", 2, 0),
+    ("ddp", "destroy-global", 2, 0),
     ("compressed", "kill", 2, 1),
     ("compressed", "raise", 2, 1),
 ]
@@ -44,12 +50,18 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=20)
     ap.add_argument("--only", action="append", default=[], help="OPTIMIZER:SCENARIO (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "experiments" / "results" / "teardown_repeat.md"))
+    ap.add_argument("--grace", type=float, default=None,
+                    help="COMMOPT_EXIT_GRACE_S for the ranks (default: commopt's own, 0.2 s; 0 turns it off)")
     args = ap.parse_args()
+    if args.grace is not None:
+        os.environ["COMMOPT_EXIT_GRACE_S"] = str(args.grace)
+    flags = "".join(f" --only {o}" for o in args.only) + (f" --grace {args.grace:g}" if args.grace is not None else "")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     lines = ["# Teardown scenarios repeated in fresh processes", "",
              f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; "
-             f"command: `python experiments/teardown_repeat.py --runs {args.runs}` (this file is its output)",
+             f"command: `python experiments/teardown_repeat.py --runs {args.runs}{flags}` (this file is its output)",
+             f"- commopt's exit pause (COMMOPT_EXIT_GRACE_S): {os.environ.get('COMMOPT_EXIT_GRACE_S', '0.2 (default)')} s",
              f"- machine: {os.cpu_count()} cores; ranks are processes on loopback, gloo; "
              "worker: `tests/teardown_worker.py`", "",
              "| optimizer | scenario | world | runs | runs with every rank as expected | exit codes seen "
@@ -72,7 +84,8 @@ def main() -> None:
         lines.append(f"| {which} | {scenario} | {world} | {args.runs} | {good} | {seen} | {aborted} | "
                      f"{per_run:.1f} |")
         print(lines[-1], flush=True)
-    lines += ["", "Expected: exit 0 on every rank for `exit` / `destroy`; exit 1 on the survivor for `kill` and on "
+    lines += ["", "Expected: exit 0 on every rank for `exit` / `destroy` / `destroy-global` (`ddp`: plain DDP and "
+              "SGD, no commopt optimizer: torch's own behaviour, commopt's exit handler does nothing there); exit 1 on the survivor for `kill` and on "
               "both ranks for `raise` (rank 0's backward raises the user's error, its peer's raises commopt's); "
               "-6 is SIGABRT at interpreter shutdown."]
     Path(args.out).write_text("\n".join(lines) + "\n")

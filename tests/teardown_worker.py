@@ -5,6 +5,8 @@ OPTIMIZER: ``compressed`` (DDP + TopK 5% + EControl), ``co2`` (dense outer all-r
 (compressed outer exchange), ``mkor`` (statistics all-reduce every step), ``ddp`` (plain DDP + SGD).
 SCENARIO:
 * ``destroy``    -- train, then ``destroy_process_group()`` with no ``finish()``: exit 0;
+* ``destroy-global`` -- as ``destroy``, but the model and optimizer stay alive until interpreter shutdown,
+  as in a module-level script (nanoGPT's style): exit 0;
 * ``exit``       -- train, then leave without ``finish()`` nor ``destroy_process_group()``: exit 0;
 * ``raise``      -- an exception unwinds ``backward()`` at step 6 on rank 0 only: exit 1 with that error;
 * ``kill``       -- the last rank SIGKILLs itself at step 6: the others raise a named error (CO2: in a step
@@ -36,6 +38,9 @@ def _report_group_at_exit() -> None:
 atexit.register(_report_group_at_exit)
 
 import commopt  # noqa: E402 - after the atexit registration above, on purpose
+
+
+_ALIVE: list = []   # what a module-level script keeps alive until shutdown (scenario destroy-global)
 
 
 def main() -> None:
@@ -86,11 +91,13 @@ def main() -> None:
         except Exception:
             print(f"rank {rank}: step {t} raised after {time.perf_counter() - t0:.1f} s", flush=True)
             raise
-    if scenario not in ("destroy", "exit") and hasattr(opt, "finish"):
+    if scenario not in ("destroy", "destroy-global", "exit") and hasattr(opt, "finish"):
         opt.finish()   # CO2 as a user ends it: a peer that died after the last wait is noticed here
     print(f"rank {rank}: trained {steps} steps", flush=True)
-    if scenario == "destroy":
+    if scenario in ("destroy", "destroy-global"):
         dist.destroy_process_group()
+    if scenario == "destroy-global":
+        _ALIVE.extend([model, opt, m, base])   # freed only when the interpreter shuts down
     print(f"rank {rank}: exits", flush=True)
 
 
