@@ -4,7 +4,7 @@
   dense and compressed; 4 ranks) is abandoned cleanly: exit 0, never ``terminate called without an
   active exception`` (a pending ``.then()`` callback run by a gloo thread during interpreter shutdown),
   also when the optimizer outlives ``destroy_process_group()`` until shutdown (``destroy-global``, a
-  module-level script: 4 of 12 such runs aborted before commopt's exit pause);
+  module-level script: 4 of 16 such CO2 runs aborted without commopt's exit pause);
 * an exception that unwinds ``backward()`` with bucket exchanges in flight exits 1 with the user's
   error, not SIGABRT;
 * a SIGKILLed peer: every survivor raises an error that names commopt's collective within the
