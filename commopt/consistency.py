@@ -7,6 +7,7 @@ collective.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 from typing import Any, Callable, Optional, TypeVar
 
@@ -15,7 +16,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["assert_same_across_ranks", "build_consistently", "bit_checksum", "assert_bitwise_same",
-           "agreed_run_id", "refuse_together"]
+           "bytes_digest", "agreed_run_id", "refuse_together"]
 
 T = TypeVar("T")
 
@@ -143,6 +144,18 @@ def mismatch(diffs: "list[str]") -> str:
     else:
         why = "the ranks' checkpoints would resume at different points; load checkpoints saved at the same step"
     return why + ":\n  " + "\n  ".join(diffs)
+
+
+def bytes_digest(tensors: "list[Tensor]") -> str:
+    """A digest of the tensors' bytes (shapes and dtypes included), streamed without a copy of a CPU tensor:
+    equal on two ranks when the tensors are bitwise equal. For a one-time comparison, e.g. at load."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        t = t.detach()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).contiguous().view(torch.uint8).cpu().numpy())
+    return h.hexdigest()
 
 
 def agreed_run_id(group: Optional[dist.ProcessGroup] = None) -> str:

@@ -815,8 +815,10 @@ class CompressionState:
         ``{"rank", "error": why this rank refuses it or None, "saved_rank": the rank whose state it
         holds (None when that does not matter), "reset": why the feedback state must restart or None,
         "same": values that must be equal on every rank (the step the run resumes at)}``."""
+        # "commopt state": ranks loading a checkpoint without commopt's part beside ranks loading one with it
+        # are refused (they would restart the feedback state on some ranks only)
         verdict: dict = {"rank": self.rank, "error": None, "saved_rank": None, "reset": None,
-                         "same": {"step": self.step}}
+                         "same": {"step": self.step, "commopt state": sd is not None}}
         if sd is None:
             verdict["reset"] = (
                 "the checkpoint holds no commopt state (a plain optimizer's state_dict, or one that went through "

@@ -75,7 +75,14 @@ def _close_gloo_group() -> None:
 
 # how long the exit handler releases the GIL after dropping what it kept (step 4 of the module docstring);
 # COMMOPT_EXIT_GRACE_S=0 turns the pause off (experiments/teardown_repeat.py measures both)
-GRACE_S = float(os.environ.get("COMMOPT_EXIT_GRACE_S", "0.2"))
+def _grace_from_env(default: float = 0.2) -> float:
+    try:
+        return max(0.0, float(os.environ.get("COMMOPT_EXIT_GRACE_S", default)))
+    except ValueError:  # a malformed value never breaks the import
+        return default
+
+
+GRACE_S = _grace_from_env()
 
 
 def _at_exit() -> None:

@@ -85,7 +85,8 @@ def main() -> None:
                      f"{per_run:.1f} |")
         print(lines[-1], flush=True)
     lines += ["", "Expected: exit 0 on every rank for `exit` / `destroy` / `destroy-global` (`ddp`: plain DDP and "
-              "SGD, no commopt optimizer: torch's own behaviour, commopt's exit handler does nothing there); exit 1 on the survivor for `kill` and on "
+              "SGD, no commopt optimizer; the worker starts it with commopt.init_distributed, so commopt's exit pause applies, "
+              "and a script that never imports commopt has the `--grace 0` behaviour); exit 1 on the survivor for `kill` and on "
               "both ranks for `raise` (rank 0's backward raises the user's error, its peer's raises commopt's); "
               "-6 is SIGABRT at interpreter shutdown."]
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -86,3 +86,34 @@ def test_a_survivors_error_is_clear_only_when_it_names_the_failure_or_comes_from
     verdicts = {k: _clear_error(*v) for k, v in found.items()}
     assert verdicts == {"task-5-0-2.err": True, "task-5-0-3.err": True, "task-6-0-3.err": False,
                         "task-7-0-3.err": False}
+
+
+def test_the_kill_check_reads_each_ranks_last_words_from_the_jobs_interleaved_output():
+    """The kill check's reading of a job's output (no cluster needed): each ``[rank N]`` traceback, even
+    interleaved with another's and with srun's lines, gives that rank's last error and the script line it
+    was in; a rank in the script's own barrier is clear, one whose peer-lost error surfaced in backward is not."""
+    sys.path.insert(0, ROOT)
+    from experiments.slurm_local.__main__ import _clear_error, _rank_errors
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error [10.231.0.2]:34991: Connection reset by peer."
+    text = "\n".join([
+        "iter     0: train loss 4.4514, val loss 4.4364",
+        "[rank 0] Traceback (most recent call last):",
+        "[rank 1] Traceback (most recent call last):",
+        '[rank 0]   File "/x/experiments/train_nanogpt.py", line 521, in main',
+        '[rank 1]   File "/x/experiments/train_nanogpt.py", line 560, in main',
+        "[rank 0]     dist.barrier()",
+        "[rank 1]     scaler.scale(loss).backward()",
+        '[rank 0]   File "/v/torch/distributed/distributed_c10d.py", line 5356, in barrier',
+        "[rank 0]     work.wait()",
+        f"[rank 0] {gloo}",
+        "srun: error: cmt1n1: task 2: Killed",
+        f"[rank 1] {gloo}",
+        "[rank 3] RuntimeError: Got the following error when running the callback: CollectiveError: commopt: the "
+        "all_gather_into_tensor of a gather exchange (552 of 55232 values, torch.float32) failed on rank 3 of 4",
+    ])
+    found = _rank_errors(text)
+    assert sorted(found) == [0, 1, 3]
+    assert found[0] == (gloo, "dist.barrier()")
+    assert found[1] == (gloo, "scaler.scale(loss).backward()")
+    assert {r: _clear_error(*e) for r, e in found.items()} == {0: True, 1: False, 3: True}

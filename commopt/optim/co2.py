@@ -27,7 +27,7 @@ from torch.optim import Optimizer
 
 from ..compressors import Compressor
 from .. import kernels
-from ..consistency import agreed_run_id, assert_bitwise_same, bit_checksum, build_consistently
+from ..consistency import agreed_run_id, assert_bitwise_same, bit_checksum, build_consistently, bytes_digest
 from ..feedback import Feedback
 from ..outer import OuterExchange, Penalty, make_penalty
 from ..teardown import on_exit
@@ -768,8 +768,7 @@ class CO2(WrappedOptimizer):
         of the replicated θ and m (a mix of two runs' files saved at the same round differs there, older
         checkpoints without an id too)."""
         return {"round": int(sd["round"]), "position": int(sd["position"]), "steps": int(sd["steps"]),
-                "run": {"id": sd.get("run"),
-                        "anchor and momentum bits": int(bit_checksum([sd["anchor"], sd["momentum"]]))}}
+                "run": {"id": sd.get("run"), "anchor and momentum bits": bytes_digest([sd["anchor"], sd["momentum"]])}}
 
     def _per_rank_parts(self, sd: dict, inner: Optional[dict] = None) -> list[str]:
         """What in a (validated) checkpoint is specific to the rank that saved it (``inner``: the inner
@@ -813,8 +812,9 @@ class CO2(WrappedOptimizer):
         try:
             mode = self._check_own(own)
             same = self._must_agree(own)
-        except ValueError as exc:
-            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - refused on every rank below, never on this one alone
+            error = str(exc) if isinstance(exc, ValueError) else \
+                f"malformed CO2 checkpoint ({type(exc).__name__}: {exc})"
         # every rank accepts, or every rank raises with nothing changed (one collective)
         self._load_inner_agreed(inner, error, self.process_group if self.use_dist else None,
                                 "CO2.load_state_dict", same=same)

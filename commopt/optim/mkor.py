@@ -280,7 +280,7 @@ class MKOR(WrappedOptimizer):
         else:
             self._layers, self.tied_layers = build()[0]
         # one id for this run on every rank: its checkpoints carry it, and a load mixing runs is refused
-        self._run_id: str = agreed_run_id(process_group if self.world_size > 1 else None)
+        self._run_id: str = agreed_run_id(process_group)
         if self.tied_layers and self.rank == 0:
             _log.info("MKOR: layer(s) %s share their weight with another module (tied); left to %s unpreconditioned",
                       self.tied_layers, type(base_optimizer).__name__)

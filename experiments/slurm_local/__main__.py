@@ -236,7 +236,12 @@ def _named_errors(text: str) -> list[str]:
 
 
 def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
-    job, path = _start_training_job(sc, "kill")
+    """One task on node 1 SIGKILLed mid-training: the job must end by itself (``--kill-on-bad-exit``), a
+    survivor with commopt's named error, every survivor that printed an error with a clear one, none left
+    running. The job checkpoints and evaluates only every 1000 iterations, so the kill (about 5 s into
+    training) lands in the training steps, whose only collectives are commopt's."""
+    job, path = _start_training_job(sc, "kill", ("--max-iters", "2000", "--eval-every", "1000", "--save-every", "1000",
+                                                 "--out-dir", os.path.join(sc.dir, "out-kill")))
     victims = _ranks_in(sc, 1)
     t_kill = time.time()
     os.kill(victims[0], signal.SIGKILL)
@@ -245,9 +250,12 @@ def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
     text = open(path).read()
     left = _ranks_in(sc, 0) + _ranks_in(sc, 1)
     errors = _named_errors(text)
+    last_words = _rank_errors(text)
     checks = {
         "job ended by itself": ended is not None,
         "a survivor raised commopt's named error": bool(errors),
+        "every survivor that printed an error ended with a clear one": all(
+            _clear_error(*e) for e in last_words.values()),
         "no rank left running": not left,
     }
     return {"name": "one task SIGKILLed", "job": job, "killed_pid": victims[0], "ended_s": ended, "checks": checks,
@@ -255,19 +263,32 @@ def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
             "tail": "\n".join([ln for ln in text.strip().splitlines() if "Warning" not in ln][-12:])}
 
 
+def _last_words(lines: "list[str]") -> "tuple[str, str]":
+    """(the last line that names an error, the source line of the innermost training-script frame of the
+    traceback, or "" when there is none) of one task's output lines."""
+    lines = [ln.strip() for ln in lines if ln.strip()]
+    errs = [ln for ln in lines if re.search(r"error|Error|failed|Terminated|CANCELLED", ln)]
+    where = ""
+    for i, ln in enumerate(lines[:-1]):
+        if re.search(r'File "[^"]*train_nanogpt\.py", line \d+', ln):
+            where = re.sub(r"^\[rank \S+\]\s*", "", lines[i + 1])
+    return (errs or lines or ["(nothing)"])[-1][:400], where
+
+
 def _task_errors(paths: "list[str]") -> "dict[str, tuple[str, str]]":
-    """Each task's last words: (the last line of its stderr file that names an error, the source line of the
-    innermost training-script frame of its traceback, or "" when it printed none)."""
-    out = {}
-    for p in sorted(paths):
-        lines = [ln.strip() for ln in open(p, errors="replace") if ln.strip()]
-        errs = [ln for ln in lines if re.search(r"error|Error|failed|Terminated|CANCELLED", ln)]
-        where = ""
-        for i, ln in enumerate(lines[:-1]):
-            if re.search(r'File "[^"]*train_nanogpt\.py", line \d+', ln):
-                where = re.sub(r"^\[rank \S+\]\s*", "", lines[i + 1])
-        out[os.path.basename(p)] = ((errs or lines or ["(nothing)"])[-1][:400], where)
-    return out
+    """Each task's last words (:func:`_last_words`), from its own stderr file."""
+    return {os.path.basename(p): _last_words(list(open(p, errors="replace"))) for p in sorted(paths)}
+
+
+def _rank_errors(text: str) -> "dict[int, tuple[str, str]]":
+    """The last words (:func:`_last_words`) of every rank that printed a traceback into a job's output
+    (train_nanogpt.py prefixes each of its lines with ``[rank N]``)."""
+    per: dict[int, list[str]] = {}
+    for ln in text.splitlines():
+        m = re.match(r"\[rank (\d+)\]\s?(.*)", ln)
+        if m:
+            per.setdefault(int(m.group(1)), []).append(m.group(2))
+    return {r: _last_words(lines) for r, lines in sorted(per.items())}
 
 
 def _clear_error(err: str, where: str) -> bool:
