@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
-from ..consistency import agreed_run_id, build_consistently
+from ..consistency import _differences, agreed_run_id, build_consistently, mismatch
 from ..exchange import CollectiveError, root_cause
 from ..precond import layers as L
 from ..precond.rank1 import RULES, compute_dtype, precondition, update_factor
@@ -759,12 +759,9 @@ class MKOR(WrappedOptimizer):
                 f"{what} refused: the ranks' checkpoints put MKOR at different points of its schedule (their "
                 f"statistics all-reduces would no longer line up); nothing was changed on any rank:\n  "
                 + "\n  ".join(f"rank {r}: MKOR step {st}, MKOR-H switched {sw}" for r, (st, sw) in enumerate(schedules)))
-        runs = [p["run"] for p in gathered]
-        if any(x != runs[0] for x in runs[1:]):
-            raise ValueError(
-                f"{what} refused: the ranks' checkpoints come from different runs (files of an earlier run left "
-                f"beside this run's?), so their factors would differ; nothing was changed on any rank; load files "
-                f"saved by one run:\n  " + "\n  ".join(f"rank {r}: run {x}" for r, x in enumerate(runs)))
+        diffs = _differences([{"run": p["run"]} for p in gathered])
+        if diffs:  # their factors would differ
+            raise ValueError(f"{what} refused; nothing was changed on any rank: {mismatch(diffs)}")
 
     def preconditioner_state_dict(self) -> dict:
         """MKOR's own part of :meth:`state_dict` (factors, counters, MKOR-H switch) alone: what a

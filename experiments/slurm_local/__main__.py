@@ -206,7 +206,9 @@ def _start_training_job(sc: SlurmCluster, tag: str, args: "tuple[str, ...] | Non
     ``settle`` s more have passed."""
     out = os.path.join(sc.dir, f"{tag}-%j.out")
     if args is None:
-        args = ("--max-iters", "2000", "--eval-every", "1000", "--out-dir", os.path.join(sc.dir, f"out-{tag}"))
+        # evaluated and checkpointed only every 1000 iterations: a fault lands in training steps
+        args = ("--max-iters", "2000", "--eval-every", "1000", "--save-every", "1000",
+                "--out-dir", os.path.join(sc.dir, f"out-{tag}"))
     r = sc.run(["sbatch", "-o", out, "--export=ALL", SBATCH, *args], timeout=60,
                env={"PYTHON": PY, "PYTHONUNBUFFERED": "1", **(env or {})})
     job = re.search(r"Submitted batch job (\d+)", r.stdout).group(1)
@@ -240,8 +242,7 @@ def check_kill(sc: SlurmCluster, limit: float = 80) -> dict:
     survivor with commopt's named error, every survivor that printed an error with a clear one, none left
     running. The job checkpoints and evaluates only every 1000 iterations, so the kill (about 5 s into
     training) lands in the training steps, whose only collectives are commopt's."""
-    job, path = _start_training_job(sc, "kill", ("--max-iters", "2000", "--eval-every", "1000", "--save-every", "1000",
-                                                 "--out-dir", os.path.join(sc.dir, "out-kill")))
+    job, path = _start_training_job(sc, "kill")
     victims = _ranks_in(sc, 1)
     t_kill = time.time()
     os.kill(victims[0], signal.SIGKILL)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from typing import Iterable
 
 import torch
@@ -125,6 +126,18 @@ def train_step(ddp, opt, x, y) -> torch.Tensor:
     loss.backward()
     opt.step()
     return loss.detach()
+
+
+def load_outcome(opt, sd, catch: "type[BaseException] | tuple" = Exception) -> str:
+    """``opt.load_state_dict(sd)`` with warnings silenced: ``"accepted"``, or ``"<Type>: <message>"`` of the
+    exception of type ``catch`` it raised (any other propagates), to compare across ranks."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.load_state_dict(sd)
+    except catch as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "accepted"
 
 
 def roundtrip(obj):

@@ -4,8 +4,6 @@ configuration errors raised on every rank (SPEC §7)."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -13,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
 from commopt.optim.mkor import MKOR
-from mpi_helpers import MLP, all_ranks_true, batch, make_mlp_ddp, roundtrip, same_on_all_ranks
+from mpi_helpers import MLP, all_ranks_true, batch, load_outcome, make_mlp_ddp, roundtrip, same_on_all_ranks
 
 F64 = torch.float64
 SIZES = (32, 16, 16, 8)
@@ -276,13 +274,7 @@ def test_damaged_mkor_dict_on_the_last_rank_is_refused_on_every_rank(world, nest
         else:
             bad = early
     before = roundtrip(opt.state_dict())
-    outcome = "accepted"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.load_state_dict(bad)
-    except ValueError as exc:
-        outcome = str(exc)
+    outcome = load_outcome(opt, bad, catch=ValueError)
     outcomes = [None] * world.size
     dist.all_gather_object(outcomes, outcome)
     problems = []

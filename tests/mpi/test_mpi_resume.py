@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import commopt
-from mpi_helpers import all_ranks_true, batch, roundtrip, same_on_all_ranks, train_step
+from mpi_helpers import all_ranks_true, batch, load_outcome, roundtrip, same_on_all_ranks, train_step
 
 pytestmark = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(90, method="thread")]
 
@@ -196,13 +196,7 @@ def test_damaged_state_dict_on_one_rank_is_refused_on_every_rank(world, kind, da
     if r == last:
         sd = _damaged(kind, sd, damage)
     before = _snapshot(model, opt)
-    outcome = "accepted"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.load_state_dict(sd)
-    except Exception as exc:  # noqa: BLE001 - compared across ranks
-        outcome = f"{type(exc).__name__}: {exc}"
+    outcome = load_outcome(opt, sd)
     outcomes = _gathered(outcome)
     raised = [i for i, o in enumerate(outcomes) if o != "accepted"]
     problems = []
@@ -255,13 +249,7 @@ def test_ranks_holding_files_of_two_runs_or_two_steps_are_refused_on_every_rank(
     if r == last:
         sd = other
     before = _snapshot(model, opt)
-    outcome = "accepted"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            opt.load_state_dict(sd)
-    except ValueError as exc:
-        outcome = str(exc)
+    outcome = load_outcome(opt, sd, catch=ValueError)
     outcomes = _gathered(outcome)
     if any(o == "accepted" for o in outcomes):
         problems.append(f"accepted on some rank: {outcomes}")
